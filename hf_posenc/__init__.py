@@ -1,0 +1,71 @@
+"""hf_posenc: any positional scheme on any supported transformers architecture.
+
+    import hf_posenc
+    model = AutoModelForCausalLM.from_config(config, posenc="alibi")
+
+Importing the package registers the `posenc_*` model types with transformers' Auto classes and gives them the
+`posenc=` keyword; nothing else runs at import.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+# the transformers releases this version is tested against; the internals it builds on change between minors
+TRANSFORMERS_RANGE = ("5.23", "5.24")
+
+
+def _check_transformers() -> None:
+    import transformers
+    from packaging.version import Version
+
+    low, high = TRANSFORMERS_RANGE
+    if not Version(low) <= Version(transformers.__version__) < Version(high):
+        raise ImportError(
+            f"hf_posenc {__version__} supports transformers >={low},<{high}; found {transformers.__version__}. "
+            f'Install a supported one: pip install "transformers>={low},<{high}"'
+        )
+
+
+_check_transformers()
+
+from transformers import (  # noqa: E402  (re-exported with the posenc= keyword added)
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .auto import ARCHITECTURES, with_posenc  # noqa: E402
+from .modeling.configuration_posenc_gpt2 import PosencGPT2Config  # noqa: E402
+from .modeling.configuration_posenc_llama import PosencLlamaConfig  # noqa: E402
+from .modeling.posenc_schemes import (  # noqa: E402
+    SCHEMES,
+    alibi_bias,
+    alibi_slopes,
+    ntk_scaled_rope_theta,
+    rope_types,
+    sinusoidal_position_embedding,
+    t5_relative_position_bucket,
+)
+
+__all__ = [
+    "ARCHITECTURES",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForQuestionAnswering",
+    "AutoModelForSequenceClassification",
+    "AutoModelForTokenClassification",
+    "PosencGPT2Config",
+    "PosencLlamaConfig",
+    "SCHEMES",
+    "__version__",
+    "alibi_bias",
+    "alibi_slopes",
+    "ntk_scaled_rope_theta",
+    "rope_types",
+    "sinusoidal_position_embedding",
+    "t5_relative_position_bucket",
+    "with_posenc",
+]

@@ -1,0 +1,110 @@
+"""Wiring posenc into transformers: the architecture table, `with_posenc`, and `posenc=` on the stock Auto classes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Mapping
+
+import transformers
+from transformers import AutoConfig, PreTrainedConfig
+
+from .modeling import modeling_posenc_gpt2, modeling_posenc_llama
+from .modeling.posenc_schemes import PosencConfigMixin
+
+logger = logging.getLogger(__name__)
+
+#: stock model_type -> posenc config class. Adding an architecture is one entry here plus its two shipped files.
+ARCHITECTURES: dict[str, type] = {}
+
+
+def register_architecture(config_class: type) -> type:
+    """Add a posenc config class (whose modeling file registered the models with the Auto classes) to the table."""
+    if not issubclass(config_class, PosencConfigMixin):
+        raise TypeError(f"{config_class.__name__} must subclass PosencConfigMixin")
+    if config_class.model_type != f"posenc_{config_class.base_model_type}":
+        raise ValueError(f"{config_class.__name__}.model_type must be 'posenc_{config_class.base_model_type}'")
+    if config_class.base_model_type in ARCHITECTURES:
+        raise ValueError(f"architecture {config_class.base_model_type!r} is already registered")
+    ARCHITECTURES[config_class.base_model_type] = config_class
+    return config_class
+
+
+register_architecture(modeling_posenc_gpt2.PosencGPT2Config)
+register_architecture(modeling_posenc_llama.PosencLlamaConfig)
+
+
+def _native_rope_parameters(posenc: Mapping) -> dict:
+    """The RoPE settings a rope posenc config hands on as the 'native' ones when its scheme is replaced."""
+    params = {k: v for k, v in posenc.items() if k != "type"}
+    if params["rope_type"] == "ntk":  # not a transformers rope_type: hand on the unscaled base
+        return {k: params[k] for k in ("rope_theta", "partial_rotary_factor")} | {"rope_type": "default"}
+    return params
+
+
+def with_posenc(config: PreTrainedConfig, posenc: str | Mapping) -> PreTrainedConfig:
+    """A new posenc config for `config`'s architecture with scheme `posenc`; `config` itself is not changed.
+
+    Args:
+        config: a stock config (e.g. `GPT2Config`) or a posenc config whose scheme is replaced.
+        posenc: a scheme name (`"alibi"`) or a dict with a `type` key and the scheme's parameters.
+
+    Returns:
+        A config that the stock Auto classes turn into a posenc model.
+    """
+    if not isinstance(config, PreTrainedConfig):
+        raise TypeError(f"with_posenc needs a transformers config, got {type(config).__name__}")
+    base_type = config.base_model_type if isinstance(config, PosencConfigMixin) else config.model_type
+    if base_type not in ARCHITECTURES:
+        raise ValueError(
+            f"hf_posenc does not support architecture {base_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    values = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map", "posenc"):
+        values.pop(key, None)
+    if isinstance(config, PosencConfigMixin) and config.posenc["type"] == "rope":
+        values["rope_parameters"] = _native_rope_parameters(config.posenc)
+    return ARCHITECTURES[base_type](**values, posenc=posenc)
+
+
+# Keyword arguments of `from_pretrained` that also concern reading the config.
+_CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+
+
+def _add_posenc_keyword(auto_class: type) -> None:
+    """Give a stock Auto class `from_config(config, posenc=...)` and `from_pretrained(path, posenc=...)`.
+
+    Each Auto class carries its own copies of these classmethods, so each is wrapped; without `posenc` they are the
+    stock methods, untouched.
+    """
+    if getattr(auto_class, "_hf_posenc_keyword", False):
+        return
+    stock_from_config = auto_class.from_config.__func__
+    stock_from_pretrained = auto_class.from_pretrained.__func__
+
+    @functools.wraps(stock_from_config)
+    def from_config(cls, config, *args, posenc=None, **kwargs):
+        if posenc is not None:
+            config = with_posenc(config, posenc)
+        return stock_from_config(cls, config, *args, **kwargs)
+
+    @functools.wraps(stock_from_pretrained)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, posenc=None, **kwargs):
+        if posenc is not None:
+            config = kwargs.pop("config", None)
+            if config is None or isinstance(config, (str, os.PathLike)):
+                config_kwargs = {k: kwargs[k] for k in (*_CONFIG_KWARGS, "trust_remote_code") if k in kwargs}
+                config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **config_kwargs)
+            kwargs["config"] = with_posenc(config, posenc)
+            logger.info("loading %s as %s", pretrained_model_name_or_path, kwargs["config"].posenc)
+        return stock_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    auto_class.from_config = classmethod(from_config)
+    auto_class.from_pretrained = classmethod(from_pretrained)
+    auto_class._hf_posenc_keyword = True
+
+
+AUTO_CLASSES = sorted({name for cls in ARCHITECTURES.values() for name in cls.auto_map_entries} - {"AutoConfig"})
+for _name in AUTO_CLASSES:
+    _add_posenc_keyword(getattr(transformers, _name))

@@ -1,0 +1,179 @@
+"""GPT-2 with a choice of positional scheme: the adapter and one class per transformers head.
+
+Sites on GPT-2:
+- input embedding: the native `wpe` slot keeps the learned table for `learned`, holds the fixed table for
+  `sinusoidal`, and holds nothing (an exact zero) for every other scheme;
+- q/k rotation: GPT-2 has none, so `PosencGPT2Attention` rotates q and k before the KV-cache update, with cos/sin
+  computed once per forward by the base model's `rotary_emb`;
+- score bias: one provider on the base model (`position_bias`), shared by every layer's attention.
+"""
+
+from collections.abc import Callable
+
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import (
+    GPT2Attention,
+    GPT2DoubleHeadsModel,
+    GPT2ForQuestionAnswering,
+    GPT2ForSequenceClassification,
+    GPT2ForTokenClassification,
+    GPT2LMHeadModel,
+    GPT2Model,
+    eager_attention_forward,
+)
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .configuration_posenc_gpt2 import PosencGPT2Config
+from .posenc_layers import (
+    LearnedPositionEmbedding,
+    PosencPreTrainedMixin,
+    PosencRotaryEmbedding,
+    ZeroPositionEmbedding,
+    attach_score_bias,
+    default_position_ids,
+    input_position_module,
+    register_auto_classes,
+    score_bias_module,
+    upgrade,
+)
+from .posenc_schemes import get_scheme
+
+
+class PosencGPT2Attention(GPT2Attention):
+    """GPT-2 self-attention that can rotate q and k (RoPE) before they enter the KV cache.
+
+    Without `position_embeddings` (every scheme but RoPE) and for cross-attention it is the stock forward.
+    """
+
+    def forward(
+        self,
+        hidden_states,
+        past_key_values=None,
+        attention_mask=None,
+        encoder_hidden_states=None,
+        encoder_attention_mask=None,
+        output_attentions=False,
+        position_embeddings=None,
+        **kwargs,
+    ):
+        if position_embeddings is None or encoder_hidden_states is not None:
+            return super().forward(
+                hidden_states,
+                past_key_values,
+                attention_mask,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                output_attentions,
+                **kwargs,
+            )
+        query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))  # (B, H, T, D)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+
+        if past_key_values is not None:
+            cache = past_key_values
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            key, value = cache.update(key, value, self.layer_idx)
+
+        if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
+            attn_output, attn_weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
+        else:
+            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+            attn_output, attn_weights = attention_interface(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                dropout=self.attn_dropout.p if self.training else 0.0,
+                scaling=self.scaling,
+                **kwargs,
+            )
+        attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()
+        return self.resid_dropout(self.c_proj(attn_output)), attn_weights
+
+
+class PosencGPT2Model(PosencPreTrainedMixin, GPT2Model):
+    config_class = PosencGPT2Config
+    _auto_class = "AutoModel"
+
+    def install_posenc(self) -> None:
+        """Place the scheme at its site (see the module docstring). Called once, after the stock `__init__`."""
+        posenc = self.config.posenc
+        if posenc["type"] == "learned":
+            upgrade(self.wpe, LearnedPositionEmbedding)  # the stock table, so stock weights load
+        else:
+            table = input_position_module(posenc, self.config.n_positions, self.embed_dim, self.wte)
+            self.wpe = table if table is not None else ZeroPositionEmbedding()
+        self.rotary_emb = PosencRotaryEmbedding(self.config) if get_scheme(posenc["type"]).site == "rotation" else None
+        for block in self.h:
+            upgrade(block.attn, PosencGPT2Attention)
+        provider = score_bias_module(posenc, self.config.n_head, bidirectional=False)
+        attach_score_bias(self, [block.attn for block in self.h], provider)
+
+    def forward(
+        self,
+        input_ids=None,
+        past_key_values=None,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        inputs_embeds=None,
+        **kwargs,
+    ):
+        if self.rotary_emb is not None:
+            length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
+            if position_ids is None:
+                position_ids = default_position_ids(length, past_key_values, self.wte.weight.device)
+            kwargs["position_embeddings"] = self.rotary_emb(self.wte.weight, position_ids)
+        return super().forward(
+            input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+
+
+class PosencGPT2LMHeadModel(PosencPreTrainedMixin, GPT2LMHeadModel):
+    config_class = PosencGPT2Config
+    _auto_class = "AutoModelForCausalLM"
+
+
+class PosencGPT2DoubleHeadsModel(PosencPreTrainedMixin, GPT2DoubleHeadsModel):
+    config_class = PosencGPT2Config  # transformers has no Auto class for this head
+
+
+class PosencGPT2ForSequenceClassification(PosencPreTrainedMixin, GPT2ForSequenceClassification):
+    config_class = PosencGPT2Config
+    _auto_class = "AutoModelForSequenceClassification"
+
+
+class PosencGPT2ForTokenClassification(PosencPreTrainedMixin, GPT2ForTokenClassification):
+    config_class = PosencGPT2Config
+    _auto_class = "AutoModelForTokenClassification"
+
+
+class PosencGPT2ForQuestionAnswering(PosencPreTrainedMixin, GPT2ForQuestionAnswering):
+    config_class = PosencGPT2Config
+    _auto_class = "AutoModelForQuestionAnswering"
+
+
+for _cls in (
+    PosencGPT2Model,
+    PosencGPT2LMHeadModel,
+    PosencGPT2DoubleHeadsModel,
+    PosencGPT2ForSequenceClassification,
+    PosencGPT2ForTokenClassification,
+    PosencGPT2ForQuestionAnswering,
+):
+    _cls.posenc_base_class = PosencGPT2Model
+
+register_auto_classes(PosencGPT2Config, globals())

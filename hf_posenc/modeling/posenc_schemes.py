@@ -1,0 +1,432 @@
+"""Positional schemes: the registry, the validation of a `posenc` spec, and the math of each scheme.
+
+This file ships next to every saved posenc model (it is part of the `trust_remote_code` closure), so it imports
+only the standard library, torch and transformers.
+
+A scheme acts at exactly one *site* of a transformer:
+
+| site        | schemes                      | where it acts                                           |
+|-------------|------------------------------|---------------------------------------------------------|
+| `embedding` | learned, sinusoidal          | a position table added to the token embeddings           |
+| `rotation`  | rope (every `rope_type`)     | queries and keys rotated by position before the cache    |
+| `bias`      | alibi, t5_bias               | a bias added to the attention scores, from distances     |
+| `none`      | nope                         | no position signal at all                                |
+
+Shape legend used in docstrings: B batch, H heads, Q query length, K key/value length, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+SITES = ("embedding", "rotation", "bias", "none")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Math helpers (public through `hf_posenc`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> torch.Tensor:
+    """ALiBi head slopes (Press et al., 2022, https://arxiv.org/abs/2108.12409).
+
+    For a power of two `n`, head `h` (1-based) gets `2 ** (-max_bias * h / n)`; `max_bias=8` is the paper's choice
+    and `max_bias` is MPT's generalisation. For other head counts the paper takes the slopes of the closest smaller
+    power of two `p` and adds every other slope of `2p` (the odd exponents), which keeps the geometric spread.
+
+    Args:
+        num_heads: number of attention heads, >= 1.
+        max_bias: exponent range, > 0.
+
+    Returns:
+        float32 tensor of shape (num_heads,).
+    """
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"alibi_slopes: num_heads must be an int >= 1, got {num_heads!r}")
+    if not _is_number(max_bias) or max_bias <= 0:
+        raise ValueError(f"alibi_slopes: max_bias must be a number > 0, got {max_bias!r}")
+    closest = 2 ** math.floor(math.log2(num_heads))
+    # exponents computed in float64, so the only rounding is the final cast to float32
+    exponents = [max_bias * k / closest for k in range(1, closest + 1)]
+    exponents += [max_bias * k / (2 * closest) for k in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor([2.0 ** (-e) for e in exponents], dtype=torch.float64).to(torch.float32)
+
+
+def alibi_bias(slopes: torch.Tensor, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    """ALiBi bias `-m_h * |i - j|`, in float32 whatever the model dtype.
+
+    The symmetric distance equals the paper's causal `i - j` wherever a causal mask lets a query see a key, and is the
+    right form for bidirectional attention. The bias is added to the scaled scores: it is *not* divided by sqrt(D).
+
+    Args:
+        slopes: (H,) head slopes.
+        q_positions: (Q,) integer positions of the queries.
+        kv_positions: (K,) integer positions of the keys.
+
+    Returns:
+        float32 tensor of shape (H, Q, K).
+    """
+    distance = (q_positions[:, None] - kv_positions[None, :]).abs().to(torch.float32)  # (Q, K)
+    return -slopes.to(device=distance.device, dtype=torch.float32)[:, None, None] * distance
+
+
+def t5_relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int = 32, max_distance: int = 128
+) -> torch.Tensor:
+    """T5's bucket of each relative position `key - query` (Raffel et al., 2020, https://arxiv.org/abs/1910.10683).
+
+    Half of the buckets (of each direction, when bidirectional) hold exact small distances; the rest cover distances up
+    to `max_distance` on a log scale; everything farther shares the last bucket.
+
+    Args:
+        relative_position: integer tensor of any shape, `key_position - query_position`.
+        bidirectional: whether keys after the query get their own buckets (encoders) or share bucket 0 (decoders).
+        num_buckets: number of buckets.
+        max_distance: distance at which the log-spaced buckets end.
+
+    Returns:
+        int64 tensor of the same shape, values in [0, num_buckets).
+    """
+    relative_position = relative_position.to(torch.int64)
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).to(torch.int64) * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    # log-spaced buckets for the far distances; clamp(min=1) only keeps log() finite where is_small picks the exact one
+    scaled = torch.log(distance.clamp(min=1).to(torch.float32) / max_exact) / math.log(max_distance / max_exact)
+    far = max_exact + (scaled * (num_buckets - max_exact)).to(torch.int64)
+    far = far.clamp(max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, far)
+
+
+def sinusoidal_position_embedding(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """The fixed sinusoidal table of Vaswani et al. (2017, https://arxiv.org/abs/1706.03762), interleaved form.
+
+    `PE[p, 2i] = sin(p / base^(2i/dim))`, `PE[p, 2i+1] = cos(p / base^(2i/dim))`: the paper's own layout, not the
+    fairseq/tensor2tensor layout that concatenates all sines before all cosines.
+
+    Args:
+        positions: integer tensor of any shape (...).
+        dim: embedding width, even.
+        base: wavelength base.
+
+    Returns:
+        float32 tensor of shape (..., dim).
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal positions need an even embedding width, got {dim}")
+    inv_freq = base ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)  # (dim/2,)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., dim/2)
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleave sin, cos
+
+
+def ntk_scaled_rope_theta(rope_theta: float, factor: float, rotary_dim: int) -> float:
+    """Static NTK-aware RoPE base: `theta * factor ** (d / (d - 2))` for rotary width d (bloc97, 2023).
+
+    Stretches the lowest frequency by `factor` while leaving the highest one almost untouched; transformers ships only
+    the dynamic variant, which recomputes this from the running length.
+    """
+    if rotary_dim < 4:
+        raise ValueError(f"NTK scaling needs a rotary width of at least 4, got {rotary_dim}")
+    return float(rope_theta) * float(factor) ** (rotary_dim / (rotary_dim - 2))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The scheme registry
+# --------------------------------------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One scheme parameter: its default (or required), a check and the rule shown when the check fails."""
+
+    default: Any = _REQUIRED
+    check: Callable[[Any], bool] | None = None
+    rule: str = ""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A positional scheme: its name, the site it acts at, and how to normalise its parameters.
+
+    `normalize(params, config)` receives the user's parameters without `type` and returns the complete, validated
+    parameter dict (defaults filled in), raising `ValueError` naming the bad value and what is allowed.
+    """
+
+    name: str
+    site: str
+    relative: bool
+    description: str
+    normalize: Callable[[dict, Any], dict]
+
+
+SCHEMES: dict[str, Scheme] = {}
+
+
+def register_scheme(scheme: Scheme) -> Scheme:
+    """Add a scheme to the registry; names are identifiers and unique, sites are one of `SITES`."""
+    if not scheme.name.isidentifier():
+        raise ValueError(f"scheme name must be an identifier, got {scheme.name!r}")
+    if scheme.name in SCHEMES:
+        raise ValueError(f"scheme {scheme.name!r} is already registered")
+    if scheme.site not in SITES:
+        raise ValueError(f"scheme {scheme.name!r}: site must be one of {SITES}, got {scheme.site!r}")
+    SCHEMES[scheme.name] = scheme
+    return scheme
+
+
+def get_scheme(name: str) -> Scheme:
+    """The registered scheme called `name`, or a ValueError listing the registered ones."""
+    if name not in SCHEMES:
+        raise ValueError(f"unknown posenc scheme {name!r}; allowed: {', '.join(sorted(SCHEMES))}")
+    return SCHEMES[name]
+
+
+def normalize_posenc(spec: str | Mapping | None, config: Any, default: str | Mapping | None = None) -> dict:
+    """Turn `"alibi"` or `{"type": "rope", "rope_type": "yarn", "factor": 4.0}` into the complete, validated dict.
+
+    Args:
+        spec: scheme name, dict with a `type` key, or None for `default`.
+        config: the model config (head counts, widths and native RoPE parameters are read from it).
+        default: the architecture's native scheme, used when `spec` is None.
+
+    Returns:
+        `{"type": name, **every parameter}`; normalising the result again returns it unchanged.
+    """
+    if spec is None:
+        spec = default
+    if isinstance(spec, str):
+        spec = {"type": spec}
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"posenc must be a scheme name or a dict with a 'type' key, got {type(spec).__name__}")
+    params = dict(spec)
+    if "type" not in params:
+        raise ValueError(f"posenc dict needs a 'type' key, one of: {', '.join(sorted(SCHEMES))}; got {dict(spec)}")
+    scheme = get_scheme(params.pop("type"))
+    return {"type": scheme.name, **scheme.normalize(params, config)}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _positive(value: Any) -> bool:
+    return _is_number(value) and value > 0
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_params(scheme: str, params: dict, spec: Mapping[str, Param]) -> dict:
+    """Validate `params` against `spec`: no unknown keys, no missing required ones, every check passing."""
+    unknown = sorted(set(params) - set(spec))
+    if unknown:
+        allowed = ", ".join(spec) or "none"
+        raise ValueError(f"posenc {scheme!r} got unknown parameter(s) {unknown}; allowed: {allowed}")
+    out = {}
+    for key, param in spec.items():
+        if key not in params:
+            if param.default is _REQUIRED:
+                raise ValueError(f"posenc {scheme!r} needs parameter {key!r} ({param.rule})")
+            out[key] = param.default
+            continue
+        value = params[key]
+        if param.check is not None and not param.check(value):
+            raise ValueError(f"posenc {scheme!r}: {key} must be {param.rule}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _simple_scheme(name: str, site: str, relative: bool, description: str, spec: Mapping[str, Param]) -> Scheme:
+    """Register a scheme whose parameters are a fixed table of `Param`s."""
+
+    def normalize(params: dict, config: Any) -> dict:
+        return _check_params(name, params, spec)
+
+    return register_scheme(Scheme(name, site, relative, description, normalize))
+
+
+_simple_scheme("learned", "embedding", False, "trained absolute position table (GPT-2, BERT)", {})
+_simple_scheme(
+    "sinusoidal",
+    "embedding",
+    False,
+    "fixed sine/cosine table of Vaswani et al. (interleaved layout), not trained",
+    {"base": Param(10000.0, _positive, "a number > 0")},
+)
+_simple_scheme("nope", "none", True, "no position signal at all (causal masking alone)", {})
+_simple_scheme(
+    "alibi",
+    "bias",
+    True,
+    "linear distance penalty -m_h*|i-j| on the scores (Press et al.)",
+    {
+        "max_bias": Param(8.0, _positive, "a number > 0"),
+        "slope_multiplier": Param(1.0, _positive, "a number > 0"),
+    },
+)
+
+
+def _normalize_t5(params: dict, config: Any) -> dict:
+    out = _check_params(
+        "t5_bias",
+        params,
+        {
+            "num_buckets": Param(32, _int_at_least(4), "an int >= 4"),
+            "max_distance": Param(128, _int_at_least(2), "an int >= 2"),
+        },
+    )
+    if out["max_distance"] <= out["num_buckets"] // 2:
+        raise ValueError(
+            f"posenc 't5_bias': max_distance must exceed num_buckets // 2 (the exact buckets), "
+            f"got max_distance={out['max_distance']}, num_buckets={out['num_buckets']}"
+        )
+    return out
+
+
+register_scheme(
+    Scheme("t5_bias", "bias", True, "learned bucketed relative bias shared across layers (T5)", _normalize_t5)
+)
+
+# --------------------------------------------------------------------------------------------------------------------
+# RoPE: one scheme, every rope_type transformers ships plus static NTK
+# --------------------------------------------------------------------------------------------------------------------
+
+_FACTOR = Param(_REQUIRED, lambda v: _is_number(v) and v >= 1, "a number >= 1")
+_FLOAT_LIST = Param(_REQUIRED, lambda v: isinstance(v, (list, tuple)) and all(map(_is_number, v)), "a list of numbers")
+_OPTIONAL_NUMBER = Param(None, lambda v: v is None or _is_number(v), "a number")
+
+# Parameters of each rope_type beyond the common rope_theta and partial_rotary_factor. Types that transformers adds
+# later and this table does not know are accepted with transformers' own validation.
+ROPE_TYPE_PARAMS: dict[str, dict[str, Param]] = {
+    "default": {},
+    "ntk": {"factor": _FACTOR},
+    "linear": {"factor": _FACTOR},
+    "dynamic": {"factor": _FACTOR},
+    "yarn": {
+        "factor": _FACTOR,
+        "original_max_position_embeddings": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+        "attention_factor": Param(None, lambda v: v is None or _positive(v), "a number > 0"),
+        "beta_fast": _OPTIONAL_NUMBER,
+        "beta_slow": _OPTIONAL_NUMBER,
+        "mscale": _OPTIONAL_NUMBER,
+        "mscale_all_dim": _OPTIONAL_NUMBER,
+        "truncate": Param(None, lambda v: v is None or isinstance(v, bool), "a bool"),
+    },
+    "longrope": {
+        "short_factor": _FLOAT_LIST,
+        "long_factor": _FLOAT_LIST,
+        "factor": Param(None, lambda v: v is None or (_is_number(v) and v >= 1), "a number >= 1"),
+        "original_max_position_embeddings": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+        "attention_factor": Param(None, lambda v: v is None or _positive(v), "a number > 0"),
+    },
+    "llama3": {
+        "factor": _FACTOR,
+        "low_freq_factor": Param(_REQUIRED, _positive, "a number > 0"),
+        "high_freq_factor": Param(_REQUIRED, _positive, "a number > 0"),
+        "original_max_position_embeddings": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+    },
+    "proportional": {"factor": Param(1.0, lambda v: _is_number(v) and v >= 1, "a number >= 1")},
+}
+_ROPE_COMMON = {
+    "rope_theta": Param(10000.0, _positive, "a number > 0"),
+    "partial_rotary_factor": Param(1.0, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
+# rope_types whose transformers init function needs original_max_position_embeddings
+_NEEDS_ORIGINAL_LENGTH = ("yarn", "longrope", "llama3")
+
+
+def rope_types() -> list[str]:
+    """Every accepted rope_type: transformers' `ROPE_INIT_FUNCTIONS` (read live), `default` and static `ntk`."""
+    return sorted({"default", "ntk", *ROPE_INIT_FUNCTIONS})
+
+
+def head_dim_of(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rotary_dim_of(config: Any, partial_rotary_factor: float) -> int:
+    return int(head_dim_of(config) * partial_rotary_factor)
+
+
+def _normalize_rope(params: dict, config: Any) -> dict:
+    native = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", native.get("rope_type", "default") if native else "default")
+    if rope_type not in rope_types():
+        raise ValueError(f"posenc 'rope': unknown rope_type {rope_type!r}; allowed: {', '.join(rope_types())}")
+    # Start from the architecture's own RoPE settings: its theta and partial factor always, and the rest when the
+    # user keeps its rope_type (a Llama-3 checkpoint stays llama3-scaled under posenc="rope").
+    base = {k: native[k] for k in _ROPE_COMMON if native.get(k) is not None}
+    if native.get("rope_type", "default") == rope_type and "rope_type" not in params:
+        base.update({k: v for k, v in native.items() if k in ROPE_TYPE_PARAMS.get(rope_type, {}) and v is not None})
+    merged = {**base, **{k: v for k, v in params.items() if k != "rope_type"}}
+    if rope_type in ROPE_TYPE_PARAMS:
+        spec = {**_ROPE_COMMON, **ROPE_TYPE_PARAMS[rope_type]}
+        out = _check_params("rope", merged, spec)
+        out = {k: v for k, v in out.items() if v is not None}
+    else:  # a rope_type newer than this table: transformers validates it when the config is built
+        out = {**{k: p.default for k, p in _ROPE_COMMON.items()}, **merged}
+    if rope_type in _NEEDS_ORIGINAL_LENGTH:
+        out.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+    rotary_dim = rotary_dim_of(config, out["partial_rotary_factor"])
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(
+            f"posenc 'rope': the rotary width head_dim * partial_rotary_factor = {head_dim_of(config)} * "
+            f"{out['partial_rotary_factor']} -> {rotary_dim} must be an even number >= 2"
+        )
+    if rope_type == "ntk":
+        ntk_scaled_rope_theta(out["rope_theta"], out["factor"], rotary_dim)  # raises for a too-narrow rotary width
+    for key in ("short_factor", "long_factor"):
+        if key in out and len(out[key]) != rotary_dim // 2:
+            raise ValueError(
+                f"posenc 'rope' longrope: {key} needs rotary_dim / 2 = {rotary_dim // 2} entries, got {len(out[key])}"
+            )
+    return {"rope_type": rope_type, **out}
+
+
+register_scheme(
+    Scheme("rope", "rotation", True, "rotary embedding of q and k; every transformers rope_type + ntk", _normalize_rope)
+)
+
+
+def hf_rope_parameters(posenc: Mapping, config: Any) -> dict:
+    """The transformers `rope_parameters` dict that realises a normalised rope spec (static NTK becomes `default`)."""
+    params = {k: v for k, v in posenc.items() if k != "type"}
+    if params["rope_type"] == "ntk":
+        rotary_dim = rotary_dim_of(config, params["partial_rotary_factor"])
+        theta = ntk_scaled_rope_theta(params["rope_theta"], params["factor"], rotary_dim)
+        return {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": params["partial_rotary_factor"]}
+    return params
+
+
+class PosencConfigMixin:
+    """Shared by every posenc config: `posenc` is the source of truth, normalised when the config is built.
+
+    Subclasses put this mixin before the stock config class and declare `posenc: dict | str | None = None` as a field,
+    plus three class attributes: `base_model_type` (the stock model_type), `native_posenc` (the scheme the stock
+    architecture uses, taken when `posenc` is None) and `auto_map_entries` (every Auto class -> "module.Class" of the
+    shipped code, written to config.json so that `trust_remote_code` finds each head).
+    For RoPE, `rope_parameters` is derived from `posenc` here, so the rotary modules read transformers' own field.
+    """
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.posenc = normalize_posenc(self.posenc, self, default=self.native_posenc)
+        if self.posenc["type"] == "rope":
+            self.rope_parameters = hf_rope_parameters(self.posenc, self)
+            self.validate_rope()
+        self.auto_map = dict(self.auto_map_entries)
