@@ -20,13 +20,14 @@ ARCHITECTURES: dict[str, type] = {}
 
 
 def register_architecture(config_class: type) -> type:
-    """Add a posenc config class (whose modeling file registered the models with the Auto classes) to the table."""
+    """Register a posenc model type with AutoConfig and the table (its modeling file registers the model classes)."""
     if not issubclass(config_class, PosencConfigMixin):
         raise TypeError(f"{config_class.__name__} must subclass PosencConfigMixin")
     if config_class.model_type != f"posenc_{config_class.base_model_type}":
         raise ValueError(f"{config_class.__name__}.model_type must be 'posenc_{config_class.base_model_type}'")
     if config_class.base_model_type in ARCHITECTURES:
         raise ValueError(f"architecture {config_class.base_model_type!r} is already registered")
+    AutoConfig.register(config_class.model_type, config_class)
     ARCHITECTURES[config_class.base_model_type] = config_class
     return config_class
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface, AutoConfig
+from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
@@ -360,6 +360,10 @@ class PosencPreTrainedMixin:
     posenc_base_class: type
 
     def __init__(self, config, *args, **kwargs):
+        # Generic heads (e.g. LlamaForSequenceClassification) build their base with AutoModel.from_config(config).
+        # A trust_remote_code load imports the shipped config and modeling files into two different packages, so the
+        # config's class is not the one the modeling file registered: map the class actually in use.
+        transformers.AutoModel.register(type(config), self.posenc_base_class, exist_ok=True)
         super().__init__(config, *args, **kwargs)
         base = getattr(self, self.base_model_prefix, self)  # a base model is its own base
         if not isinstance(base, self.posenc_base_class):
@@ -406,12 +410,13 @@ def write_code_closure(cls: type, folder: str | os.PathLike) -> list[Path]:
 
 
 def register_auto_classes(config_class: type, namespace: dict) -> None:
-    """Register a posenc config and its model classes (named in `auto_map_entries`) with transformers' Auto classes.
+    """Register the model classes of a posenc config (named in `auto_map_entries`) with transformers' Auto classes.
 
     Run when a modeling file is imported, by the plugin and by a `trust_remote_code` load alike: heads such as
-    `LlamaForSequenceClassification` build their base model through `AutoModel`, which must know the config.
+    `LlamaForSequenceClassification` build their base model through `AutoModel`, which must know the config class.
+    The model *type* is registered with AutoConfig by the plugin only: registering it here would let a later load
+    of another folder in the same process run without `trust_remote_code`.
     """
-    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     for auto_name, reference in config_class.auto_map_entries.items():
         if auto_name != "AutoConfig":
             model_class = namespace[reference.rsplit(".", 1)[1]]

@@ -1,0 +1,84 @@
+"""Tiny configs of every supported architecture and one case per scheme variant, shared by the contract suite."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_posenc
+
+VOCAB = 96
+
+# One tiny stock config per architecture in hf_posenc.ARCHITECTURES; dropout off so train and eval agree.
+ARCH_KWARGS = {
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, attn_pdrop=0.0, embd_pdrop=0.0),
+    "llama": dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    ),
+}
+ARCHS = sorted(ARCH_KWARGS)
+assert ARCHS == sorted(hf_posenc.ARCHITECTURES), "every registered architecture needs a tiny config here"
+
+# One case per scheme and per RoPE variant; the ids name them in test reports.
+SCHEME_CASES = {
+    "learned": "learned",
+    "sinusoidal": "sinusoidal",
+    "nope": "nope",
+    "rope": "rope",
+    "rope_linear": {"type": "rope", "rope_type": "linear", "factor": 2.0},
+    "rope_ntk": {"type": "rope", "rope_type": "ntk", "factor": 4.0},
+    "rope_dynamic": {"type": "rope", "rope_type": "dynamic", "factor": 2.0},
+    "rope_yarn": {"type": "rope", "rope_type": "yarn", "factor": 4.0},
+    "rope_llama3": {"type": "rope", "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1, "high_freq_factor": 4},
+    "rope_longrope": {
+        "type": "rope",
+        "rope_type": "longrope",
+        "short_factor": [1.0, 1.1, 1.2, 1.3],
+        "long_factor": [1.0, 2.0, 3.0, 4.0],
+        "original_max_position_embeddings": 32,  # above every test length: longrope switches factors past it
+    },
+    "rope_partial": {"type": "rope", "partial_rotary_factor": 0.5},
+    "alibi": "alibi",
+    "alibi_scaled": {"type": "alibi", "max_bias": 4.0, "slope_multiplier": 0.5},
+    "t5_bias": {"type": "t5_bias", "num_buckets": 16, "max_distance": 32},
+}
+ABSOLUTE = {"learned", "sinusoidal"}
+assert {c if isinstance(c, str) else c["type"] for c in SCHEME_CASES.values()} == set(hf_posenc.SCHEMES)
+
+
+def tiny_config(arch: str, **overrides):
+    """A stock config of `arch`, tiny."""
+    return AutoConfig.for_model(arch, **{**ARCH_KWARGS[arch], **overrides})
+
+
+def build(arch: str, posenc, seed: int = 0, **kwargs):
+    """A posenc causal LM with seeded random weights, in eval mode; position parameters drawn large enough to matter."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch), posenc=posenc, **kwargs)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "relative_attention_bias" in name or "wpe" in name or "embed_positions" in name:
+                param.normal_(0.0, 1.0)
+    return model.eval()
+
+
+def pad_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position ids `generate` uses: 0 at the first real token of each row, padding set to 1."""
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture(params=list(SCHEME_CASES), ids=list(SCHEME_CASES))
+def case(request):
+    return request.param

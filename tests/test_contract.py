@@ -1,0 +1,158 @@
+"""The contract every (architecture, scheme) pair keeps, run on the whole registry without per-pair code."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ABSOLUTE, SCHEME_CASES, VOCAB, build, pad_aware_positions, tiny_config
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_posenc
+
+T = 12
+
+
+def tokens(batch=2, length=T, seed=1):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x, **kwargs):
+    with torch.no_grad():
+        return model(x, **kwargs).logits
+
+
+def test_forward_backward(arch, case):
+    """A training step runs, the loss is finite and the scheme's own parameters receive gradient."""
+    model = build(arch, SCHEME_CASES[case]).train()
+    x = tokens()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    positional = [p for n, p in model.named_parameters() if "relative_attention_bias" in n or "position" in n]
+    positional += [p for n, p in model.named_parameters() if n.endswith("wpe.weight")]
+    for param in positional:
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("case", [c for c in SCHEME_CASES if c != "nope"])
+def test_scheme_takes_effect(arch, case):
+    """With the same weights, every scheme computes a different function from NoPE: none is a silent no-op."""
+    model = build(arch, SCHEME_CASES[case])
+    x = tokens()
+    nope = build(arch, "nope")
+    nope.load_state_dict(model.state_dict(), strict=False)
+    assert (logits(model, x) - logits(nope, x)).abs().max() > 1e-3
+
+
+def test_position_shift(arch, case):
+    """Absolute schemes react when every position moves by k; relative ones (rope, alibi, t5_bias, nope) do not."""
+    model = build(arch, SCHEME_CASES[case])
+    x = tokens()
+    positions = torch.arange(T)[None].expand(2, T)
+    base, shifted = logits(model, x, position_ids=positions), logits(model, x, position_ids=positions + 7)
+    if case in ABSOLUTE:
+        assert (base - shifted).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(base, shifted, atol=2e-5, rtol=1e-4)
+
+
+def test_left_padding(arch, case):
+    """Left padding (with a 2-D mask and pad-aware positions) leaves the logits of the real tokens unchanged.
+
+    For alibi and t5_bias this is the relative test in cache coordinates: every real token moves by the pad width.
+    """
+    model = build(arch, SCHEME_CASES[case])
+    x = tokens(batch=1)
+    pad = 5
+    padded = torch.cat([torch.zeros(1, pad, dtype=torch.long), x], dim=1)
+    mask = torch.cat([torch.zeros(1, pad, dtype=torch.long), torch.ones_like(x)], dim=1)
+    expected = logits(model, x)
+    got = logits(model, padded, attention_mask=mask, position_ids=pad_aware_positions(mask))[:, pad:]
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_nope_is_permutation_equivariant(arch):
+    """Without a causal mask, NoPE attention sees a set: permuting the tokens permutes the outputs."""
+    model = build(arch, "nope")
+    model.config.is_causal = False
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = False
+    x = tokens(batch=1)
+    perm = torch.randperm(T, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(logits(model, x[:, perm]), logits(model, x)[:, perm], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+def test_generate_matches_full_forward(arch, case, padded):
+    """Greedy generation with the KV cache produces the logits of one full forward over the final sequences."""
+    model = build(arch, SCHEME_CASES[case])
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    x = tokens()
+    mask = torch.ones_like(x)
+    if padded:
+        x[1, :4], mask[1, :4] = 0, 0
+    out = model.generate(
+        x, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    step_logits = torch.stack(out.logits, dim=1)  # (B, new, V)
+    full_mask = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], dim=1)
+    full = logits(model, out.sequences, attention_mask=full_mask, position_ids=pad_aware_positions(full_mask))
+    torch.testing.assert_close(step_logits, full[:, T - 1 : -1], atol=1e-4, rtol=1e-4)
+
+
+def test_eager_matches_sdpa(arch, case):
+    """The eager and SDPA attention paths agree, with padding, forward and backward."""
+    x = tokens()
+    mask = torch.ones_like(x)
+    x[0, :3], mask[0, :3] = 0, 0
+    results = []
+    for implementation in ("eager", "sdpa"):
+        model = build(arch, SCHEME_CASES[case], attn_implementation=implementation)
+        out = model(x, attention_mask=mask, position_ids=pad_aware_positions(mask)).logits
+        out[mask.bool()].square().mean().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((out.detach()[mask.bool()], grads))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-3)
+
+
+def test_save_load_roundtrip(arch, case, tmp_path):
+    """save_pretrained then the stock AutoModelForCausalLM.from_pretrained gives the same class, scheme and logits."""
+    model = build(arch, SCHEME_CASES[case])
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is type(model)
+    assert loaded.config.posenc == model.config.posenc
+    x = tokens()
+    assert torch.equal(logits(loaded, x), logits(model, x))
+
+
+def test_config_roundtrip_is_idempotent(arch, case):
+    """A saved posenc config rebuilds the same scheme and (for RoPE) the same transformers rope_parameters."""
+    config = hf_posenc.with_posenc(tiny_config(arch), SCHEME_CASES[case])
+    saved = config.to_dict()
+    again = AutoConfig.for_model(saved.pop("model_type"), **saved)
+    assert again.posenc == config.posenc
+    assert getattr(again, "rope_parameters", None) == getattr(config, "rope_parameters", None)
+    replaced = hf_posenc.with_posenc(config, config.posenc)
+    assert replaced.posenc == config.posenc
+
+
+def test_every_head(arch):
+    """Every Auto head transformers has for the architecture is built as a posenc model with the scheme in place."""
+    import transformers
+
+    config_class = hf_posenc.ARCHITECTURES[arch]
+    for auto_name in config_class.auto_map_entries:
+        if auto_name == "AutoConfig":
+            continue
+        auto_class = getattr(transformers, auto_name)
+        model = auto_class.from_config(tiny_config(arch, pad_token_id=0), posenc="alibi").eval()
+        assert type(model).__name__.startswith("Posenc")
+        base = model.base_model
+        assert type(base).__name__.startswith("Posenc") and base.position_bias is not None
+        with torch.no_grad():
+            model(tokens(), attention_mask=torch.ones(2, T, dtype=torch.long))

@@ -1,0 +1,96 @@
+"""A posenc model configured with its architecture's native scheme is the stock model: same weights, same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2LMHeadModel,
+    LlamaForCausalLM,
+)
+
+NATIVE = {"gpt2": "learned", "llama": "rope"}
+STOCK_ROPE = {
+    "default": None,
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "rope_theta": 500000.0,
+    },
+}
+
+
+def stock_model(arch, auto_class=AutoModelForCausalLM, **overrides):
+    torch.manual_seed(0)
+    return auto_class.from_config(tiny_config(arch, **overrides)).eval()
+
+
+def x():
+    return torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", sorted(NATIVE))
+def test_native_scheme_gives_stock_logits(arch, implementation):
+    """from_config(stock config, posenc=native) + the stock weights reproduces the stock logits bit for bit."""
+    stock = stock_model(arch, attn_implementation=implementation)
+    assert type(stock) in (GPT2LMHeadModel, LlamaForCausalLM)
+    posenc = AutoModelForCausalLM.from_config(
+        tiny_config(arch), posenc=NATIVE[arch], attn_implementation=implementation
+    ).eval()
+    result = posenc.load_state_dict(stock.state_dict())
+    assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(posenc(x()).logits, stock(x()).logits)
+
+
+@pytest.mark.parametrize("rope", sorted(STOCK_ROPE))
+def test_llama_rope_parameters_are_kept(rope, tmp_path):
+    """Converting a stock Llama checkpoint with posenc="rope" keeps its own RoPE scaling and its logits."""
+    stock = stock_model("llama", rope_parameters=STOCK_ROPE[rope])
+    stock.save_pretrained(tmp_path)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path, posenc="rope").eval()
+    assert type(converted).__name__ == "PosencLlamaForCausalLM"
+    assert converted.config.posenc["rope_type"] == (STOCK_ROPE[rope] or {"rope_type": "default"})["rope_type"]
+    with torch.no_grad():
+        assert torch.equal(converted(x()).logits, stock(x()).logits)
+
+
+def test_gpt2_checkpoint_converts_with_learned_table(tmp_path):
+    """A stock GPT-2 checkpoint loaded with posenc="learned" keeps wpe and gives the stock logits."""
+    stock = stock_model("gpt2")
+    stock.save_pretrained(tmp_path)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path, posenc="learned").eval()
+    with torch.no_grad():
+        assert torch.equal(converted(x()).logits, stock(x()).logits)
+
+
+@pytest.mark.parametrize("arch", sorted(NATIVE))
+def test_classification_head_is_stock(arch):
+    """The sequence-classification head too: native scheme + stock weights = stock logits."""
+    stock = stock_model(arch, AutoModelForSequenceClassification, pad_token_id=0, num_labels=3)
+    posenc = AutoModelForSequenceClassification.from_config(
+        tiny_config(arch, pad_token_id=0, num_labels=3), posenc=NATIVE[arch]
+    ).eval()
+    posenc.load_state_dict(stock.state_dict())
+    with torch.no_grad():
+        assert torch.equal(posenc(x()).logits, stock(x()).logits)
+
+
+@pytest.mark.parametrize("arch", sorted(NATIVE))
+def test_conversion_to_another_scheme_keeps_other_weights(arch, tmp_path):
+    """from_pretrained(stock, posenc="alibi") keeps every non-positional weight exactly."""
+    stock = stock_model(arch)
+    stock.save_pretrained(tmp_path)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path, posenc="alibi")
+    stock_weights = stock.state_dict()
+    for name, tensor in converted.state_dict().items():
+        assert torch.equal(tensor, stock_weights[name]), name
+    assert "transformer.wpe.weight" not in converted.state_dict()

@@ -1,0 +1,102 @@
+"""A saved posenc model loads without hf_posenc through trust_remote_code, and fails loudly without the flag.
+
+One subprocess, in which `import hf_posenc` is impossible, loads every saved case; each test checks one case.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import SCHEME_CASES, VOCAB, build, tiny_config
+from transformers import AutoModelForSequenceClassification
+
+# at least one scheme of each site, on each architecture, plus a head whose base is built through AutoModel
+CASES = {
+    "gpt2-sinusoidal": ("gpt2", "sinusoidal", "AutoModelForCausalLM"),
+    "llama-learned": ("llama", "learned", "AutoModelForCausalLM"),
+    "gpt2-rope_yarn": ("gpt2", "rope_yarn", "AutoModelForCausalLM"),
+    "llama-rope_partial": ("llama", "rope_partial", "AutoModelForCausalLM"),
+    "llama-rope_ntk": ("llama", "rope_ntk", "AutoModelForCausalLM"),
+    "gpt2-alibi": ("gpt2", "alibi", "AutoModelForCausalLM"),
+    "llama-t5_bias": ("llama", "t5_bias", "AutoModelForCausalLM"),
+    "gpt2-nope": ("gpt2", "nope", "AutoModelForCausalLM"),
+    "llama-alibi-seqcls": ("llama", "alibi", "AutoModelForSequenceClassification"),
+}
+
+LOADER = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["hf_posenc"] = None  # the plugin cannot be imported here
+    import torch, transformers
+    results = {}
+    for name, folder, auto_name in json.loads(sys.argv[1]):
+        auto_class = getattr(transformers, auto_name)
+        try:
+            auto_class.from_pretrained(folder)
+            refused = ""
+        except ValueError as error:
+            refused = str(error)
+        model = auto_class.from_pretrained(folder, trust_remote_code=True).eval()
+        inputs = torch.load(folder + "/inputs.pt")
+        with torch.no_grad():
+            same = torch.equal(model(**inputs).logits, torch.load(folder + "/expected.pt"))
+        results[name] = {"refused": refused, "same": same, "module": type(model).__module__}
+    print("RESULTS" + json.dumps(results))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def remote_results(tmp_path_factory):
+    jobs = []
+    for name, (arch, case, auto_name) in CASES.items():
+        folder = str(tmp_path_factory.mktemp(name))
+        if auto_name == "AutoModelForCausalLM":
+            model = build(arch, SCHEME_CASES[case])
+        else:
+            torch.manual_seed(0)
+            config = tiny_config(arch, pad_token_id=0, num_labels=3)
+            model = AutoModelForSequenceClassification.from_config(config, posenc=SCHEME_CASES[case]).eval()
+        inputs = {
+            "input_ids": torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0)),
+            "attention_mask": torch.tensor([[0, 0] + [1] * 8, [1] * 10]),
+        }
+        with torch.no_grad():
+            expected = model(**inputs).logits
+        model.save_pretrained(folder)
+        torch.save(inputs, folder + "/inputs.pt")
+        torch.save(expected, folder + "/expected.pt")
+        jobs.append((name, folder, auto_name))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path_factory.mktemp("modules")), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", LOADER, json.dumps(jobs)],
+        capture_output=True,
+        text=True,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        cwd=str(tmp_path_factory.mktemp("elsewhere")),
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # transformers' refusal prompt is written without a newline, so the marker may follow it on the same line
+    return json.loads(done.stdout.rsplit("RESULTS", 1)[1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_loads_without_plugin(remote_results, name):
+    """With trust_remote_code=True the shipped code is used and gives the same logits, bit for bit."""
+    result = remote_results[name]
+    assert result["module"].startswith("transformers_modules.")
+    assert result["same"]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_refuses_without_flag(remote_results, name):
+    """Without trust_remote_code the load fails with transformers' message asking for it, never silently."""
+    assert "trust_remote_code=True" in remote_results[name]["refused"]
