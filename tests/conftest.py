@@ -12,7 +12,8 @@ VOCAB = 96
 
 # One tiny stock config per architecture in hf_posenc.ARCHITECTURES; dropout off so train and eval agree.
 ARCH_KWARGS = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB, attn_pdrop=0.0, embd_pdrop=0.0),
+    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB)
+    | dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0),
     "llama": dict(
         num_hidden_layers=2,
         hidden_size=32,
