@@ -119,6 +119,19 @@ def test_eager_matches_sdpa(arch, case):
     torch.testing.assert_close(results[0][1], results[1][1], atol=1e-5, rtol=1e-3)
 
 
+def test_output_attentions(arch, case):
+    """With eager attention, output_attentions returns one row-stochastic (B, H, T, T) map per layer, causal."""
+    model = build(arch, SCHEME_CASES[case], attn_implementation="eager")
+    model.config.output_attentions = True
+    with torch.no_grad():
+        attentions = model(tokens()).attentions
+    assert len(attentions) == model.config.num_hidden_layers
+    for weights in attentions:
+        assert weights.shape == (2, model.config.num_attention_heads, T, T)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, model.config.num_attention_heads, T))
+        assert weights.triu(1).abs().max() == 0
+
+
 def test_save_load_roundtrip(arch, case, tmp_path):
     """save_pretrained then the stock AutoModelForCausalLM.from_pretrained gives the same class, scheme and logits."""
     model = build(arch, SCHEME_CASES[case])

@@ -26,6 +26,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .posenc_schemes import (
     alibi_bias,
@@ -345,6 +347,9 @@ def upgrade(module: nn.Module, cls: type) -> nn.Module:
     if not isinstance(module, cls.__bases__):
         raise TypeError(f"cannot upgrade {type(module).__name__} to {cls.__name__}")
     module.__class__ = cls
+    if isinstance(module, PreTrainedModel):
+        # output capture (output_attentions / output_hidden_states) looks models up by class, registered in __init__
+        _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
     return module
 
 

@@ -1,0 +1,187 @@
+"""Every bad input is refused with an error that names the bad value and what is allowed."""
+
+import re
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import hf_posenc
+
+
+def tiny(arch, **overrides):
+    """A tiny stock config of `arch` (head_dim 16)."""
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=128, **overrides)
+    return AutoConfig.for_model(
+        "llama",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=256,
+        **overrides,
+    )
+
+
+ARCHS = ["gpt2", "llama"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unknown_scheme(arch):
+    """An unknown scheme name is refused, naming it and listing every registered scheme."""
+    with pytest.raises(ValueError, match="'foo'.*allowed: alibi, learned, nope, rope, sinusoidal, t5_bias") as info:
+        AutoModelForCausalLM.from_config(tiny(arch), posenc="foo")
+    assert all(name in str(info.value) for name in hf_posenc.SCHEMES)
+
+
+def test_unknown_architecture():
+    """A config of an unsupported architecture is refused, naming it and listing the supported ones."""
+    bert = AutoConfig.for_model("bert", num_hidden_layers=1, hidden_size=32, num_attention_heads=2, vocab_size=64)
+    with pytest.raises(ValueError, match="'bert'.*supported: gpt2, llama"):
+        hf_posenc.with_posenc(bert, "alibi")
+
+
+def test_with_posenc_needs_a_config():
+    """with_posenc refuses something that is not a transformers config, naming its type."""
+    with pytest.raises(TypeError, match="got dict"):
+        hf_posenc.with_posenc({"model_type": "gpt2"}, "alibi")
+
+
+# (posenc spec, pattern the message must match): each names the bad value or key and what is allowed
+BAD_SPECS = {
+    "unknown rope_type": ({"type": "rope", "rope_type": "bogus"}, r"'bogus'.*allowed: .*yarn"),
+    "rope factor < 1": ({"type": "rope", "rope_type": "linear", "factor": 0.5}, r"factor must be a number >= 1.*0\.5"),
+    "negative max_bias": ({"type": "alibi", "max_bias": -1}, r"max_bias must be a number > 0, got -1"),
+    "zero max_bias": ({"type": "alibi", "max_bias": 0}, r"max_bias must be a number > 0, got 0"),
+    "yarn without factor": ({"type": "rope", "rope_type": "yarn"}, r"needs parameter 'factor'"),
+    "llama3 without low_freq_factor": (
+        {"type": "rope", "rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0},
+        r"needs parameter 'low_freq_factor'",
+    ),
+    "unknown parameter": (
+        {"type": "alibi", "maxbias": 2},
+        r"unknown parameter\(s\) \['maxbias'\]; allowed: max_bias, slope_multiplier",
+    ),
+    "dict without type": ({"max_bias": 2}, r"needs a 'type' key, one of: alibi, .*t5_bias"),
+    "t5 max_distance too small": (
+        {"type": "t5_bias", "num_buckets": 32, "max_distance": 16},
+        r"max_distance must exceed num_buckets // 2.*max_distance=16, num_buckets=32",
+    ),
+    "t5 max_distance equal to exact buckets": (
+        {"type": "t5_bias", "num_buckets": 8, "max_distance": 4},
+        r"max_distance=4, num_buckets=8",
+    ),
+    "odd rotary width": (
+        {"type": "rope", "partial_rotary_factor": 0.3125},
+        r"16 \* 0\.3125 -> 5 must be an even number >= 2",
+    ),
+    "rotary width 1": ({"type": "rope", "partial_rotary_factor": 0.0625}, r"-> 1 must be an even number"),
+    "partial_rotary_factor > 1": ({"type": "rope", "partial_rotary_factor": 1.5}, r"a number in \(0, 1\], got 1\.5"),
+    "longrope factors of the wrong length": (
+        {"type": "rope", "rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8},
+        r"short_factor needs rotary_dim / 2 = 8 entries, got 3",
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_spec_is_refused(case, arch):
+    """A bad posenc spec raises a ValueError naming the bad value and the rule, through with_posenc and from_config."""
+    spec, pattern = BAD_SPECS[case]
+    with pytest.raises(ValueError, match=pattern):
+        hf_posenc.with_posenc(tiny(arch), spec)
+    with pytest.raises(ValueError, match=pattern):
+        AutoModelForCausalLM.from_config(tiny(arch), posenc=spec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", [3, 2.5, ["alibi"]])
+def test_posenc_of_wrong_type(arch, spec):
+    """A posenc that is neither a name nor a dict raises a TypeError naming its type."""
+    with pytest.raises(TypeError, match=f"scheme name or a dict.*got {type(spec).__name__}"):
+        AutoModelForCausalLM.from_config(tiny(arch), posenc=spec)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention", "paged|sdpa"])
+def test_bias_scheme_refuses_other_kernels(arch, scheme, impl):
+    """A score-bias scheme refuses a kernel that cannot add its bias, naming it and the allowed 'eager', 'sdpa'."""
+    with pytest.raises(ValueError, match=re.escape(f"attn_implementation={impl!r}") + r".*allowed: 'eager', 'sdpa'"):
+        AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme, attn_implementation=impl)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", ["rope", "learned", "sinusoidal", "nope"])
+@pytest.mark.parametrize("impl", ["posenc_sdpa", "posenc_eager"])
+def test_bias_kernel_refused_without_bias(arch, scheme, impl):
+    """The posenc_* kernels are refused for a scheme without a score bias, naming the kernel and the scheme."""
+    with pytest.raises(ValueError, match=f"'{impl}' is for score-bias schemes.*posenc is '{scheme}'"):
+        AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme, attn_implementation=impl)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_bias_never_dropped(arch, scheme, impl):
+    """Asking a bias model for a stock kernel, at build time or later, maps it to the posenc_ kernel of that name."""
+    model = AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme, attn_implementation=impl)
+    assert model.config._attn_implementation == f"posenc_{impl}"
+    other = "sdpa" if impl == "eager" else "eager"
+    model.set_attn_implementation(other)
+    assert model.config._attn_implementation == f"posenc_{other}"
+    with pytest.raises(ValueError, match="allowed: 'eager', 'sdpa'"):
+        model.set_attn_implementation("flex_attention")
+    assert model.config._attn_implementation == f"posenc_{other}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_bias_model_refuses_4d_mask(arch, scheme):
+    """A bias model given a prepared 4-D mask asks for the 2-D padding mask instead of silently misplacing the bias."""
+    model = AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme)
+    input_ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"2-D padding mask of shape \(batch, length\)"):
+        model(input_ids, attention_mask=torch.zeros(2, 1, 5, 5))
+    assert model(input_ids, attention_mask=torch.ones(2, 5, dtype=torch.long)).logits.shape == (2, 5, 128)
+
+
+@pytest.mark.parametrize("via", ["keyword", "config"])
+def test_learned_positions_past_table(via):
+    """Learned positions past the table raise a ValueError naming the position and the table size."""
+    stock = tiny("gpt2", n_positions=16)
+    if via == "keyword":
+        model = AutoModelForCausalLM.from_config(stock, posenc="learned")
+    else:
+        model = AutoModelForCausalLM.from_config(hf_posenc.with_posenc(stock, "learned"))
+    assert model(torch.zeros(1, 16, dtype=torch.long)).logits.shape == (1, 16, 128)
+    with pytest.raises(ValueError, match=r"position 19 is past the learned position table \(16 positions\)"):
+        model(torch.zeros(1, 20, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        ((0,), "num_heads must be an int >= 1, got 0"),
+        ((-3,), "num_heads must be an int >= 1, got -3"),
+        ((2.0,), r"num_heads must be an int >= 1, got 2\.0"),
+        ((True,), "num_heads must be an int >= 1, got True"),
+        ((4, -1), "max_bias must be a number > 0, got -1"),
+        ((4, 0), "max_bias must be a number > 0, got 0"),
+        ((4, float("nan")), "max_bias must be a number > 0, got nan"),
+    ],
+)
+def test_alibi_slopes_bad_arguments(args, pattern):
+    """alibi_slopes refuses a head count below 1 (or not an int) and a max_bias that is not > 0."""
+    with pytest.raises(ValueError, match=pattern):
+        hf_posenc.alibi_slopes(*args)
+
+
+def test_sinusoidal_odd_width():
+    """The sinusoidal table refuses an odd width, naming it."""
+    with pytest.raises(ValueError, match="even embedding width, got 7"):
+        hf_posenc.sinusoidal_position_embedding(torch.arange(4), 7)

@@ -1,0 +1,264 @@
+"""The math helpers and the RoPE module, checked against transformers' own implementations (live oracles)."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.bloom.modeling_bloom import build_alibi_tensor
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+from transformers.models.t5.modeling_t5 import T5Attention
+
+import hf_posenc
+from hf_posenc.modeling.posenc_layers import PosencRotaryEmbedding
+
+HEAD_DIM = 16  # 64 / 4 heads in both tiny configs
+
+
+def tiny(arch):
+    """A tiny stock config of `arch` (head_dim 16)."""
+    if arch == "gpt2":
+        return AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=128)
+    return AutoConfig.for_model(
+        "llama",
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=128,
+        max_position_embeddings=256,
+    )
+
+
+def stock_llama(max_position_embeddings, rope_parameters, head_dim=HEAD_DIM):
+    """A stock LlamaConfig with the given RoPE settings: the oracle transformers computes frequencies from."""
+    return AutoConfig.for_model(
+        "llama",
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=head_dim,
+        max_position_embeddings=max_position_embeddings,
+        rope_parameters={"rope_theta": 10000.0, **rope_parameters},
+    )
+
+
+def rope_config(arch, **params):
+    """A posenc config of `arch` with `{"type": "rope", **params}`."""
+    return hf_posenc.with_posenc(tiny(arch), {"type": "rope", **params})
+
+
+# ---------------------------------------------------------------------------------------------------------------- ALiBi
+
+
+@pytest.mark.parametrize("n", range(1, 65))
+def test_alibi_slopes_match_bloom(n):
+    """alibi_slopes(n) equals BLOOM's slopes (the bias at key position 1) for every head count 1..64."""
+    bloom = build_alibi_tensor(torch.ones(1, 2), n, torch.float32)[:, 0, 1]
+    slopes = hf_posenc.alibi_slopes(n)
+    assert slopes.shape == (n,) and slopes.dtype == torch.float32
+    torch.testing.assert_close(slopes, bloom, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64])
+@pytest.mark.parametrize("max_bias", [8.0, 4.0, 12.5, 1.0])
+def test_alibi_slopes_max_bias(n, max_bias):
+    """For a power-of-two head count, slope k is 2**(-max_bias*k/n) (MPT's generalisation), k = 1..n."""
+    expected = torch.tensor([2.0 ** (-max_bias * k / n) for k in range(1, n + 1)], dtype=torch.float64)
+    slopes = hf_posenc.alibi_slopes(n, max_bias=max_bias)
+    assert slopes.dtype == torch.float32
+    torch.testing.assert_close(slopes.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 6, 8, 12, 16])
+def test_alibi_bias_softmax_equivalent_to_bloom(n):
+    """-m*|i-j| differs from BLOOM's m*j by a per-row constant on the causal part, so causal softmax is identical."""
+    length = 24
+    slopes = hf_posenc.alibi_slopes(n)
+    positions = torch.arange(length)
+    ours = hf_posenc.alibi_bias(slopes, positions, positions)  # (H, Q, K)
+    bloom = build_alibi_tensor(torch.ones(1, length), n, torch.float32).expand(n, length, length)
+    assert ours.shape == (n, length, length)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    for i in range(length):
+        diff = (ours - bloom)[:, i, : i + 1]  # (H, i+1)
+        torch.testing.assert_close(diff, diff[:, :1].expand_as(diff), rtol=0, atol=1e-5)
+    ours_p = ours.masked_fill(~causal, float("-inf")).softmax(-1)
+    bloom_p = bloom.masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(ours_p, bloom_p, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [0, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_alibi_bias_symmetric_and_float32(offset, dtype):
+    """With q_pos == kv_pos the bias is symmetric in (i, j), and it is float32 whatever the slopes' dtype."""
+    slopes = hf_posenc.alibi_slopes(8).to(dtype)
+    positions = torch.arange(offset, offset + 12)
+    bias = hf_posenc.alibi_bias(slopes, positions, positions)
+    assert bias.dtype == torch.float32
+    assert torch.equal(bias, bias.transpose(1, 2))
+    assert torch.equal(bias.diagonal(dim1=1, dim2=2), torch.zeros(8, 12))
+    assert (bias[:, 0, 1:] < 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------------ T5 bias
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize(("num_buckets", "max_distance"), [(32, 128), (16, 64), (64, 256), (8, 20), (4, 3), (10, 7)])
+def test_t5_bucket_matches_t5(bidirectional, num_buckets, max_distance):
+    """t5_relative_position_bucket equals T5Attention._relative_position_bucket for every relative position."""
+    rel = torch.arange(-600, 600)
+    ours = hf_posenc.t5_relative_position_bucket(rel, bidirectional, num_buckets, max_distance)
+    t5 = T5Attention._relative_position_bucket(
+        rel, bidirectional=bidirectional, num_buckets=num_buckets, max_distance=max_distance
+    )
+    assert ours.dtype == torch.int64
+    assert torch.equal(ours, t5)
+
+
+# ----------------------------------------------------------------------------------------------------------------- RoPE
+
+ROPE_SPECS = {
+    "linear": {"factor": 2.0},
+    "dynamic": {"factor": 2.0},
+    "yarn": {"factor": 4.0},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    "longrope": {"original_max_position_embeddings": 64},  # short/long factors added per rotary width
+}
+
+
+def rope_params(rope_type, rotary_dim):
+    """The parameters of `rope_type` for a rotary width (longrope needs rotary_dim / 2 factors of each kind)."""
+    params = {"rope_type": rope_type, **ROPE_SPECS[rope_type]}
+    if rope_type == "longrope":
+        params["short_factor"] = [1.0 + 0.1 * i for i in range(rotary_dim // 2)]
+        params["long_factor"] = [2.0 + 0.3 * i for i in range(rotary_dim // 2)]
+    return params
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+@pytest.mark.parametrize("rope_type", list(ROPE_SPECS))
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rope_frequencies_match_transformers(arch, rope_type, partial):
+    """PosencRotaryEmbedding's inv_freq and attention_scaling are transformers' ROPE_INIT_FUNCTIONS[rope_type]."""
+    params = rope_params(rope_type, int(HEAD_DIM * partial))
+    config = rope_config(arch, partial_rotary_factor=partial, **params)
+    module = PosencRotaryEmbedding(config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+    assert torch.equal(module.inv_freq, inv_freq)
+    assert module.attention_scaling == scaling
+    # the config handed transformers the user's settings: a stock Llama config with them gives the same frequencies
+    stock = stock_llama(config.max_position_embeddings, {**params, "partial_rotary_factor": partial})
+    stock_inv_freq, stock_scaling = ROPE_INIT_FUNCTIONS[rope_type](stock)
+    assert torch.equal(module.inv_freq, stock_inv_freq)
+    assert module.attention_scaling == pytest.approx(stock_scaling, rel=1e-12)
+
+
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_rope_default_matches_llama_bitwise(arch, theta):
+    """Plain RoPE frequencies are bitwise those of the stock LlamaRotaryEmbedding."""
+    module = PosencRotaryEmbedding(rope_config(arch, rope_theta=theta))
+    stock = LlamaRotaryEmbedding(stock_llama(256, {"rope_type": "default", "rope_theta": theta}))
+    assert module.rope_type == "default" and module.attention_scaling == 1.0
+    assert torch.equal(module.inv_freq, stock.inv_freq)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_default_cos_sin_match_llama(dtype):
+    """A posenc Llama's rotary module returns exactly the stock LlamaRotaryEmbedding's cos and sin."""
+    config = tiny("llama")
+    model = AutoModelForCausalLM.from_config(config, posenc="rope")
+    stock = LlamaRotaryEmbedding(config)
+    x = torch.zeros(1, dtype=dtype)
+    position_ids = torch.stack((torch.arange(300), torch.arange(5, 305)))  # (B=2, T), past max_position_embeddings
+    cos, sin = model.model.rotary_emb(x, position_ids)
+    stock_cos, stock_sin = stock(x, position_ids)
+    assert cos.shape == (2, 300, HEAD_DIM) and cos.dtype == dtype
+    assert torch.equal(cos, stock_cos) and torch.equal(sin, stock_sin)
+
+
+@pytest.mark.parametrize("rope_type", list(ROPE_SPECS))
+def test_rope_scaled_cos_sin_match_llama(rope_type):
+    """For every scaled rope_type, cos/sin match a stock LlamaRotaryEmbedding, past the original length too."""
+    params = rope_params(rope_type, HEAD_DIM)
+    module = PosencRotaryEmbedding(rope_config("llama", **params))
+    stock = LlamaRotaryEmbedding(stock_llama(256, params))
+    x = torch.zeros(1)
+    for length in (32, 512):  # 512 triggers dynamic NTK / longrope's long factors
+        position_ids = torch.arange(length)[None]
+        cos, sin = module(x, position_ids)
+        stock_cos, stock_sin = stock(x, position_ids)
+        assert torch.equal(cos, stock_cos) and torch.equal(sin, stock_sin)
+
+
+@pytest.mark.parametrize("factor", [2.0, 4.0, 8.0])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+@pytest.mark.parametrize("theta", [10000.0, 500000.0])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_static_ntk(arch, theta, partial, factor):
+    """Static NTK sets theta*factor**(d/(d-2)): the lowest frequency is divided by factor, the highest is kept."""
+    d = int(HEAD_DIM * partial)
+    config = rope_config(arch, rope_type="ntk", factor=factor, rope_theta=theta, partial_rotary_factor=partial)
+    expected = theta * factor ** (d / (d - 2))
+    assert config.rope_parameters["rope_type"] == "default"
+    assert config.rope_parameters["rope_theta"] == pytest.approx(expected, rel=1e-12)
+    assert hf_posenc.ntk_scaled_rope_theta(theta, factor, d) == pytest.approx(expected, rel=1e-12)
+    ntk = PosencRotaryEmbedding(config).inv_freq
+    plain = PosencRotaryEmbedding(rope_config(arch, rope_theta=theta, partial_rotary_factor=partial)).inv_freq
+    assert ntk.shape == plain.shape == (d // 2,)
+    assert (plain[-1] / ntk[-1]).item() == pytest.approx(factor, rel=1e-5)
+    assert ntk[0] == plain[0]
+
+
+@pytest.mark.parametrize("partial", [0.5, 0.25])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_partial_rotary_passes_through(arch, partial):
+    """With partial rotary, pass-through pairs get cos=1, sin=0; rotated pairs are plain RoPE over the rotary width."""
+    rotary_dim = int(HEAD_DIM * partial)
+    module = PosencRotaryEmbedding(rope_config(arch, partial_rotary_factor=partial))
+    position_ids = torch.arange(64)[None].expand(2, 64)
+    cos, sin = module(torch.zeros(1), position_ids)
+    assert cos.shape == sin.shape == (2, 64, HEAD_DIM)
+    frequency_index = torch.arange(HEAD_DIM) % (HEAD_DIM // 2)  # emb = cat(freqs, freqs)
+    passed = frequency_index >= rotary_dim // 2
+    assert torch.equal(cos[..., passed], torch.ones_like(cos[..., passed]))
+    assert torch.equal(sin[..., passed], torch.zeros_like(sin[..., passed]))
+    # the rotated pairs are a stock Llama rotary of head_dim = rotary_dim (which lays out cat(freqs, freqs) too)
+    stock_cos, stock_sin = LlamaRotaryEmbedding(stock_llama(256, {"rope_type": "default"}, head_dim=rotary_dim))(
+        torch.zeros(1), position_ids
+    )
+    assert torch.equal(cos[..., ~passed], stock_cos) and torch.equal(sin[..., ~passed], stock_sin)
+    assert sin[..., ~passed].abs().amax() > 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------- sinusoidal
+
+
+def vaswani_table(positions, dim, base):
+    """Float64 textbook table: PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(p / base^(2i/dim))."""
+    table = torch.empty(len(positions), dim, dtype=torch.float64)
+    for i in range(dim // 2):
+        angle = positions.double() / base ** (2 * i / dim)
+        table[:, 2 * i], table[:, 2 * i + 1] = angle.sin(), angle.cos()
+    return table
+
+
+@pytest.mark.parametrize("base", [10000.0, 500.0])
+@pytest.mark.parametrize("dim", [2, 16, 64, 128])
+def test_sinusoidal_matches_vaswani(dim, base):
+    """The float32 table is Vaswani's interleaved sin/cos within 1e-6 for every position up to 4096."""
+    positions = torch.arange(4097)
+    table = hf_posenc.sinusoidal_position_embedding(positions, dim, base)
+    assert table.shape == (4097, dim) and table.dtype == torch.float32
+    torch.testing.assert_close(table.double(), vaswani_table(positions, dim, base), rtol=0, atol=1e-6)
+
+
+def test_sinusoidal_any_shape():
+    """Positions of any shape give (..., dim), position 0 is [0, 1, 0, 1, ...]."""
+    table = hf_posenc.sinusoidal_position_embedding(torch.arange(6).view(2, 3), 8)
+    assert table.shape == (2, 3, 8)
+    assert torch.equal(table[0, 0], torch.tensor([0.0, 1.0] * 4))
+    assert math.isclose(table[0, 1, 0].item(), math.sin(1.0), rel_tol=1e-6)
