@@ -55,8 +55,19 @@ assert {c if isinstance(c, str) else c["type"] for c in SCHEME_CASES.values()} =
 
 
 def tiny_config(arch: str, **overrides):
-    """A stock config of `arch`, tiny."""
+    """A stock config of `arch`, tiny (head_dim 8)."""
     return AutoConfig.for_model(arch, **{**ARCH_KWARGS[arch], **overrides})
+
+
+WIDE_KWARGS = {
+    "gpt2": dict(n_embd=64, vocab_size=128),
+    "llama": dict(hidden_size=64, intermediate_size=128, vocab_size=128, max_position_embeddings=256),
+}
+
+
+def wide_config(arch: str, **overrides):
+    """A stock config of `arch` with head_dim 16 (room for partial-rotary and NTK widths), vocab 128."""
+    return tiny_config(arch, **{**WIDE_KWARGS[arch], **overrides})
 
 
 def build(arch: str, posenc, seed: int = 0, **kwargs):

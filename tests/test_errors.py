@@ -4,27 +4,10 @@ import re
 
 import pytest
 import torch
+from conftest import wide_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_posenc
-
-
-def tiny(arch, **overrides):
-    """A tiny stock config of `arch` (head_dim 16)."""
-    if arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=128, **overrides)
-    return AutoConfig.for_model(
-        "llama",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=256,
-        **overrides,
-    )
-
 
 ARCHS = ["gpt2", "llama"]
 
@@ -33,7 +16,7 @@ ARCHS = ["gpt2", "llama"]
 def test_unknown_scheme(arch):
     """An unknown scheme name is refused, naming it and listing every registered scheme."""
     with pytest.raises(ValueError, match="'foo'.*allowed: alibi, learned, nope, rope, sinusoidal, t5_bias") as info:
-        AutoModelForCausalLM.from_config(tiny(arch), posenc="foo")
+        AutoModelForCausalLM.from_config(wide_config(arch), posenc="foo")
     assert all(name in str(info.value) for name in hf_posenc.SCHEMES)
 
 
@@ -93,9 +76,9 @@ def test_bad_spec_is_refused(case, arch):
     """A bad posenc spec raises a ValueError naming the bad value and the rule, through with_posenc and from_config."""
     spec, pattern = BAD_SPECS[case]
     with pytest.raises(ValueError, match=pattern):
-        hf_posenc.with_posenc(tiny(arch), spec)
+        hf_posenc.with_posenc(wide_config(arch), spec)
     with pytest.raises(ValueError, match=pattern):
-        AutoModelForCausalLM.from_config(tiny(arch), posenc=spec)
+        AutoModelForCausalLM.from_config(wide_config(arch), posenc=spec)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -103,7 +86,7 @@ def test_bad_spec_is_refused(case, arch):
 def test_posenc_of_wrong_type(arch, spec):
     """A posenc that is neither a name nor a dict raises a TypeError naming its type."""
     with pytest.raises(TypeError, match=f"scheme name or a dict.*got {type(spec).__name__}"):
-        AutoModelForCausalLM.from_config(tiny(arch), posenc=spec)
+        AutoModelForCausalLM.from_config(wide_config(arch), posenc=spec)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -112,7 +95,7 @@ def test_posenc_of_wrong_type(arch, spec):
 def test_bias_scheme_refuses_other_kernels(arch, scheme, impl):
     """A score-bias scheme refuses a kernel that cannot add its bias, naming it and the allowed 'eager', 'sdpa'."""
     with pytest.raises(ValueError, match=re.escape(f"attn_implementation={impl!r}") + r".*allowed: 'eager', 'sdpa'"):
-        AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme, attn_implementation=impl)
+        AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme, attn_implementation=impl)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -121,7 +104,7 @@ def test_bias_scheme_refuses_other_kernels(arch, scheme, impl):
 def test_bias_kernel_refused_without_bias(arch, scheme, impl):
     """The posenc_* kernels are refused for a scheme without a score bias, naming the kernel and the scheme."""
     with pytest.raises(ValueError, match=f"'{impl}' is for score-bias schemes.*posenc is '{scheme}'"):
-        AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme, attn_implementation=impl)
+        AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme, attn_implementation=impl)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -129,7 +112,7 @@ def test_bias_kernel_refused_without_bias(arch, scheme, impl):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_bias_never_dropped(arch, scheme, impl):
     """Asking a bias model for a stock kernel, at build time or later, maps it to the posenc_ kernel of that name."""
-    model = AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme, attn_implementation=impl)
+    model = AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme, attn_implementation=impl)
     assert model.config._attn_implementation == f"posenc_{impl}"
     other = "sdpa" if impl == "eager" else "eager"
     model.set_attn_implementation(other)
@@ -143,7 +126,7 @@ def test_bias_never_dropped(arch, scheme, impl):
 @pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
 def test_bias_model_refuses_4d_mask(arch, scheme):
     """A bias model given a prepared 4-D mask asks for the 2-D padding mask instead of silently misplacing the bias."""
-    model = AutoModelForCausalLM.from_config(tiny(arch), posenc=scheme)
+    model = AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme)
     input_ids = torch.zeros(2, 5, dtype=torch.long)
     with pytest.raises(ValueError, match=r"2-D padding mask of shape \(batch, length\)"):
         model(input_ids, attention_mask=torch.zeros(2, 1, 5, 5))
@@ -153,7 +136,7 @@ def test_bias_model_refuses_4d_mask(arch, scheme):
 @pytest.mark.parametrize("via", ["keyword", "config"])
 def test_learned_positions_past_table(via):
     """Learned positions past the table raise a ValueError naming the position and the table size."""
-    stock = tiny("gpt2", n_positions=16)
+    stock = wide_config("gpt2", n_positions=16)
     if via == "keyword":
         model = AutoModelForCausalLM.from_config(stock, posenc="learned")
     else:

@@ -94,3 +94,20 @@ def test_conversion_to_another_scheme_keeps_other_weights(arch, tmp_path):
     for name, tensor in converted.state_dict().items():
         assert torch.equal(tensor, stock_weights[name]), name
     assert "transformer.wpe.weight" not in converted.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("arch", "posenc", "new_weight"),
+    [
+        ("gpt2", "t5_bias", "transformer.position_bias.relative_attention_bias.weight"),
+        ("llama", "t5_bias", "model.position_bias.relative_attention_bias.weight"),
+        ("llama", "learned", "model.embed_positions.weight"),
+    ],
+)
+def test_new_parameters_are_initialised(arch, posenc, new_weight, tmp_path):
+    """Parameters a conversion adds are initialised like transformers' embeddings, not left as meta/empty memory."""
+    stock_model(arch).save_pretrained(tmp_path)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path, posenc=posenc)
+    weight = dict(converted.named_parameters())[new_weight]
+    assert torch.isfinite(weight).all()
+    assert abs(weight.std().item() - converted.config.initializer_range) < 0.01

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import wide_config
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
@@ -14,22 +15,6 @@ import hf_posenc
 from hf_posenc.modeling.posenc_layers import PosencRotaryEmbedding
 
 HEAD_DIM = 16  # 64 / 4 heads in both tiny configs
-
-
-def tiny(arch):
-    """A tiny stock config of `arch` (head_dim 16)."""
-    if arch == "gpt2":
-        return AutoConfig.for_model("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=128)
-    return AutoConfig.for_model(
-        "llama",
-        num_hidden_layers=2,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=128,
-        max_position_embeddings=256,
-    )
 
 
 def stock_llama(max_position_embeddings, rope_parameters, head_dim=HEAD_DIM):
@@ -46,7 +31,7 @@ def stock_llama(max_position_embeddings, rope_parameters, head_dim=HEAD_DIM):
 
 def rope_config(arch, **params):
     """A posenc config of `arch` with `{"type": "rope", **params}`."""
-    return hf_posenc.with_posenc(tiny(arch), {"type": "rope", **params})
+    return hf_posenc.with_posenc(wide_config(arch), {"type": "rope", **params})
 
 
 # ---------------------------------------------------------------------------------------------------------------- ALiBi
@@ -169,7 +154,7 @@ def test_rope_default_matches_llama_bitwise(arch, theta):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_default_cos_sin_match_llama(dtype):
     """A posenc Llama's rotary module returns exactly the stock LlamaRotaryEmbedding's cos and sin."""
-    config = tiny("llama")
+    config = wide_config("llama")
     model = AutoModelForCausalLM.from_config(config, posenc="rope")
     stock = LlamaRotaryEmbedding(config)
     x = torch.zeros(1, dtype=dtype)
