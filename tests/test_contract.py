@@ -169,3 +169,26 @@ def test_every_head(arch):
         assert type(base).__name__.startswith("Posenc") and base.position_bias is not None
         with torch.no_grad():
             model(tokens(), attention_mask=torch.ones(2, T, dtype=torch.long))
+
+
+@pytest.mark.parametrize("case", ["learned", "sinusoidal", "rope_yarn", "alibi", "t5_bias"])
+def test_gpt2_double_heads(case, tmp_path):
+    """GPT-2's multiple-choice head (no Auto class; (B, choices, T) inputs) works and round-trips through save."""
+    from hf_posenc.modeling.modeling_posenc_gpt2 import PosencGPT2DoubleHeadsModel
+
+    torch.manual_seed(0)
+    model = PosencGPT2DoubleHeadsModel(hf_posenc.with_posenc(tiny_config("gpt2"), SCHEME_CASES[case])).eval()
+    x = tokens(batch=6).view(2, 3, T)
+    mc_token_ids = torch.full((2, 3), T - 1)
+    with torch.no_grad():
+        out = model(x, mc_token_ids=mc_token_ids)
+    assert out.logits.shape == (2, 3, T, VOCAB) and out.mc_logits.shape == (2, 3)
+    # each choice is computed as its own sequence
+    with torch.no_grad():
+        alone = model(x[:, :1], mc_token_ids=mc_token_ids[:, :1]).logits
+    torch.testing.assert_close(out.logits[:, :1], alone, atol=1e-5, rtol=1e-4)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "modeling_posenc_gpt2.py").exists()
+    loaded = PosencGPT2DoubleHeadsModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, mc_token_ids=mc_token_ids).mc_logits, out.mc_logits)
