@@ -398,8 +398,11 @@ class PosencPreTrainedMixin:
         return f"posenc_{kernel}"
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        # the closure goes in first, so that save_pretrained(push_to_hub=True) uploads it too
+        if not os.path.isfile(save_directory):  # a file path: let transformers raise its own error
+            os.makedirs(save_directory, exist_ok=True)
+            write_code_closure(type(self), save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
-        write_code_closure(type(self), save_directory)
 
 
 def write_code_closure(cls: type, folder: str | os.PathLike) -> list[Path]:
