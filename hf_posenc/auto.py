@@ -66,11 +66,26 @@ def with_posenc(config: PreTrainedConfig, posenc: str | Mapping) -> PreTrainedCo
         values.pop(key, None)
     if isinstance(config, PosencConfigMixin) and config.posenc["type"] == "rope":
         values["rope_parameters"] = _native_rope_parameters(config.posenc)
-    return ARCHITECTURES[base_type](**values, posenc=posenc)
+    new = ARCHITECTURES[base_type](**values, posenc=posenc)
+    implementation = config._attn_implementation_internal  # not in to_dict; the model maps it for bias schemes
+    new._attn_implementation_internal = implementation.removeprefix("posenc_") if implementation else None
+    return new
 
 
-# Keyword arguments of `from_pretrained` that also concern reading the config.
-_CONFIG_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+# Keyword arguments of `from_pretrained` that concern reading the files, needed by the config and the model alike.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+# Keyword arguments that are for the model even though the config has an attribute of the same name.
+_MODEL_KWARGS = ("dtype", "torch_dtype", "quantization_config")
+
+
+def _read_config(path, kwargs: dict) -> tuple[PreTrainedConfig, dict]:
+    """Read a checkpoint's config as the stock Auto `from_pretrained` does: keyword arguments naming config
+    attributes (num_labels, use_cache, ...) override it; the rest is returned for the model."""
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    model = {k: kwargs[k] for k in _MODEL_KWARGS if k in kwargs}
+    rest = {k: v for k, v in kwargs.items() if k not in hub and k not in model}
+    config, unused = AutoConfig.from_pretrained(path, return_unused_kwargs=True, **hub, **rest)
+    return config, {**unused, **hub, **model}
 
 
 def _add_posenc_keyword(auto_class: type) -> None:
@@ -95,8 +110,7 @@ def _add_posenc_keyword(auto_class: type) -> None:
         if posenc is not None:
             config = kwargs.pop("config", None)
             if config is None or isinstance(config, (str, os.PathLike)):
-                config_kwargs = {k: kwargs[k] for k in (*_CONFIG_KWARGS, "trust_remote_code") if k in kwargs}
-                config = AutoConfig.from_pretrained(config or pretrained_model_name_or_path, **config_kwargs)
+                config, kwargs = _read_config(config or pretrained_model_name_or_path, kwargs)
             kwargs["config"] = with_posenc(config, posenc)
             logger.info("loading %s as %s", pretrained_model_name_or_path, kwargs["config"].posenc)
         return stock_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)

@@ -192,3 +192,20 @@ def test_gpt2_double_heads(case, tmp_path):
     loaded = PosencGPT2DoubleHeadsModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(x, mc_token_ids=mc_token_ids).mc_logits, out.mc_logits)
+
+
+@pytest.mark.parametrize("case", ["alibi", "t5_bias", "rope_yarn", "learned"])
+def test_generate_with_static_cache(arch, case):
+    """generate() with a compileable StaticCache (masks prepared in advance) matches the dynamic-cache generation."""
+    model = build(arch, SCHEME_CASES[case])
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    x, mask = tokens(), torch.ones(2, T, dtype=torch.long)
+    x[1, :4], mask[1, :4] = 0, 0
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    dynamic = model.generate(x, **kwargs)
+    static = model.generate(x, cache_implementation="static", **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=1e-4)

@@ -168,3 +168,19 @@ def test_sinusoidal_odd_width():
     """The sinusoidal table refuses an odd width, naming it."""
     with pytest.raises(ValueError, match="even embedding width, got 7"):
         hf_posenc.sinusoidal_position_embedding(torch.arange(4), 7)
+
+
+def test_rope_parameters_edited_by_hand(tmp_path):
+    """Editing config.rope_parameters instead of posenc is refused at build and save: it would not survive a reload."""
+    model = AutoModelForCausalLM.from_config(wide_config("llama"), posenc="rope")
+    model.config.rope_parameters["rope_theta"] = 123.0
+    with pytest.raises(ValueError, match="no longer match config.posenc.*with_posenc"):
+        model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no longer match config.posenc"):
+        AutoModelForCausalLM.from_config(model.config)
+
+
+def test_bias_scheme_with_cross_attention():
+    """GPT-2 with cross-attention cannot take a self-attention bias: refused at build time, naming what works."""
+    with pytest.raises(ValueError, match="add_cross_attention=True use learned, sinusoidal, rope or nope"):
+        AutoModelForCausalLM.from_config(wide_config("gpt2", add_cross_attention=True), posenc="alibi")

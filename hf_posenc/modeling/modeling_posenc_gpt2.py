@@ -105,6 +105,11 @@ class PosencGPT2Model(PosencPreTrainedMixin, GPT2Model):
     def install_posenc(self) -> None:
         """Place the scheme at its site (see the module docstring). Called once, after the stock `__init__`."""
         posenc = self.config.posenc
+        if self.config.add_cross_attention and get_scheme(posenc["type"]).site == "bias":
+            raise ValueError(
+                f"posenc {posenc['type']!r} is a self-attention bias and GPT-2's cross-attention cannot take it; with "
+                "add_cross_attention=True use learned, sinusoidal, rope or nope"
+            )
         if posenc["type"] == "learned":
             upgrade(self.wpe, LearnedPositionEmbedding)  # the stock table, so stock weights load
         else:

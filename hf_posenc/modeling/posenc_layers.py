@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import causal_mask_function, sdpa_mask
+from transformers.masking_utils import causal_mask_function, create_masks_for_generate, sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
@@ -374,6 +374,7 @@ class PosencPreTrainedMixin:
         if not isinstance(base, self.posenc_base_class):
             upgrade(base, self.posenc_base_class)
         if not getattr(base, "_posenc_installed", False):  # heads may build their base through AutoModel
+            config.check_rope_parameters()
             base.install_posenc()
             base._posenc_installed = True
             base.init_weights()  # initialises only the modules the install added; a no-op on the meta device
@@ -397,7 +398,15 @@ class PosencPreTrainedMixin:
         kernel = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
         return f"posenc_{kernel}"
 
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+        """`generate` prepares masks in advance for compileable caches (StaticCache); a bias scheme keeps the 2-D mask
+        instead, so that each forward's mask function still sees the cache coordinates its bias needs."""
+        if get_scheme(config.posenc["type"]).site == "bias":
+            return attention_mask
+        return create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
+        self.config.check_rope_parameters()
         # the closure goes in first, so that save_pretrained(push_to_hub=True) uploads it too
         if not os.path.isfile(save_directory):  # a file path: let transformers raise its own error
             os.makedirs(save_directory, exist_ok=True)

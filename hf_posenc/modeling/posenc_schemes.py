@@ -17,6 +17,7 @@ Shape legend used in docstrings: B batch, H heads, Q query length, K key/value l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -431,7 +432,25 @@ class PosencConfigMixin:
         if self.posenc["type"] == "rope":
             self.rope_parameters = hf_rope_parameters(self.posenc, self)
             self.validate_rope()
+        elif "rope_parameters" in self.__dict__ and "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
+            del self.rope_parameters  # left from an earlier rope scheme on an architecture without native RoPE
         self.auto_map = dict(self.auto_map_entries)
+
+    def check_rope_parameters(self) -> None:
+        """Refuse `rope_parameters` edited by hand: the model would be built from them but reloaded from `posenc`."""
+        if self.posenc["type"] != "rope":
+            return
+        expected = hf_rope_parameters(self.posenc, self)
+        current = {key: (self.rope_parameters or {}).get(key) for key in expected}
+        if current != expected:
+            raise ValueError(
+                f"config.rope_parameters {current} no longer match config.posenc {self.posenc}: the scheme is read "
+                "from posenc; change it with hf_posenc.with_posenc(config, {'type': 'rope', ...}) instead"
+            )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        self.check_rope_parameters()
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     # transformers allows output_attentions only for the implementation literally named "eager"; bias schemes run
     # their eager kernel as "posenc_eager", which returns the attention weights just the same.
