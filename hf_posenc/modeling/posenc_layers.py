@@ -110,14 +110,17 @@ class PosencRotaryEmbedding(nn.Module):
     `dynamic_rope_update` decorator and the "RotaryEmbedding" class name), so `PreTrainedModel._init_weights` refills
     its buffers when a model is built on the meta device. With `partial_rotary_factor < 1` the frequencies are padded
     with zeros to the full head: those dimension pairs get cos=1, sin=0 and pass through unrotated (the layout of
-    transformers' `proportional` rope), which works with every architecture's `apply_rotary_pos_emb`.
+    transformers' `proportional` rope), which works with every architecture's `apply_rotary_pos_emb`. Architectures
+    whose `apply_rotary_pos_emb` rotates only the first `cos.shape[-1]` dimensions (GPT-NeoX) get the unpadded
+    tables, their native partial-rotary layout.
 
     Reference: Su et al., RoFormer (https://arxiv.org/abs/2104.09864).
     """
 
-    def __init__(self, config):
+    def __init__(self, config, pad_to_head_dim: bool = True):
         super().__init__()
         self.config = config
+        self.pad_to_head_dim = pad_to_head_dim  # False where the architecture rotates only cos.shape[-1] dims
         self.rope_type = config.rope_parameters["rope_type"]
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
@@ -142,7 +145,7 @@ class PosencRotaryEmbedding(nn.Module):
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) positions -> cos, sin of shape (B, T, D) in x's dtype."""
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
-        missing = self.head_dim // 2 - inv_freq.shape[0]
+        missing = self.head_dim // 2 - inv_freq.shape[0] if self.pad_to_head_dim else 0
         if missing:  # partial rotary: zero frequency for the pass-through pairs
             inv_freq = torch.cat((inv_freq, inv_freq.new_zeros(missing)))
         freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2), fp32
@@ -334,6 +337,51 @@ for _kernel, _function in BIAS_KERNELS.items():
 # --------------------------------------------------------------------------------------------------------------------
 # The model side shared by every architecture
 # --------------------------------------------------------------------------------------------------------------------
+
+
+class RotarySlotAdapter:
+    """The adapter of base models with a model-level `rotary_emb` whose cos/sin every layer applies before its cache
+    update (Llama, Mistral, Qwen2, GPT-NeoX). Place it after `PosencPreTrainedMixin`, before the stock base model.
+
+    - input embedding: no absolute table natively; `embed_positions` (learned or sinusoidal) is added to the token
+      embeddings in `forward`, and is None for every other scheme;
+    - q/k rotation: the `rotary_emb` slot holds `PosencRotaryEmbedding` for RoPE and `PositionFreeRotary` (cos=1,
+      sin=0) for every other scheme;
+    - score bias: one provider on the base model (`position_bias`), shared by every layer's attention.
+    """
+
+    #: attribute of the token embedding on the base model
+    token_embedding_name = "embed_tokens"
+    #: attribute of the attention module on each element of `self.layers`
+    attention_name = "self_attn"
+    #: False where the architecture's apply_rotary_pos_emb rotates only cos.shape[-1] dims (native partial rotary)
+    pad_partial_rotary = True
+
+    def install_posenc(self) -> None:
+        config, posenc = self.config, self.config.posenc
+        token_embedding = getattr(self, self.token_embedding_name)
+        self.embed_positions = input_position_module(
+            posenc, config.max_position_embeddings, config.hidden_size, token_embedding
+        )
+        if get_scheme(posenc["type"]).site == "rotation":
+            self.rotary_emb = PosencRotaryEmbedding(config, pad_to_head_dim=self.pad_partial_rotary)
+        else:
+            self.rotary_emb = PositionFreeRotary(head_dim_of(config))
+        provider = score_bias_module(posenc, config.num_attention_heads, bidirectional=False)
+        attach_score_bias(self, [getattr(layer, self.attention_name) for layer in self.layers], provider)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if self.embed_positions is not None:
+            inputs_embeds = kwargs.pop("inputs_embeds", None)
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+            if inputs_embeds is None:
+                inputs_embeds, input_ids = getattr(self, self.token_embedding_name)(input_ids), None
+            if position_ids is None:
+                past = kwargs.get("past_key_values")
+                position_ids = default_position_ids(inputs_embeds.shape[1], past, inputs_embeds.device)
+            kwargs["inputs_embeds"] = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
 
 
 def default_position_ids(length: int, past_key_values, device: torch.device) -> torch.Tensor:
