@@ -33,7 +33,7 @@ from .posenc_layers import (
     attach_score_bias,
     default_position_ids,
     input_position_module,
-    register_auto_classes,
+    register_model_classes,
     score_bias_module,
     upgrade,
 )
@@ -171,14 +171,4 @@ class PosencGPT2ForQuestionAnswering(PosencPreTrainedMixin, GPT2ForQuestionAnswe
     _auto_class = "AutoModelForQuestionAnswering"
 
 
-for _cls in (
-    PosencGPT2Model,
-    PosencGPT2LMHeadModel,
-    PosencGPT2DoubleHeadsModel,
-    PosencGPT2ForSequenceClassification,
-    PosencGPT2ForTokenClassification,
-    PosencGPT2ForQuestionAnswering,
-):
-    _cls.posenc_base_class = PosencGPT2Model
-
-register_auto_classes(PosencGPT2Config, globals())
+register_model_classes(PosencGPT2Config, PosencGPT2Model, globals())

@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_posenc_llama import PosencLlamaConfig
-from .posenc_layers import PosencPreTrainedMixin, RotarySlotAdapter, register_auto_classes
+from .posenc_layers import PosencPreTrainedMixin, RotarySlotAdapter, register_model_classes
 
 
 class PosencLlamaModel(PosencPreTrainedMixin, RotarySlotAdapter, LlamaModel):
@@ -37,13 +37,4 @@ class PosencLlamaForQuestionAnswering(PosencPreTrainedMixin, LlamaForQuestionAns
     _auto_class = "AutoModelForQuestionAnswering"
 
 
-for _cls in (
-    PosencLlamaModel,
-    PosencLlamaForCausalLM,
-    PosencLlamaForSequenceClassification,
-    PosencLlamaForTokenClassification,
-    PosencLlamaForQuestionAnswering,
-):
-    _cls.posenc_base_class = PosencLlamaModel
-
-register_auto_classes(PosencLlamaConfig, globals())
+register_model_classes(PosencLlamaConfig, PosencLlamaModel, globals())

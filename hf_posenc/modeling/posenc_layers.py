@@ -474,14 +474,18 @@ def write_code_closure(cls: type, folder: str | os.PathLike) -> list[Path]:
     return written
 
 
-def register_auto_classes(config_class: type, namespace: dict) -> None:
-    """Register the model classes of a posenc config (named in `auto_map_entries`) with transformers' Auto classes.
+def register_model_classes(config_class: type, base_class: type, namespace: dict) -> None:
+    """Finish an architecture's modeling file: point every posenc class in it at the base class, and register the
+    classes named in `config_class.auto_map_entries` with transformers' Auto classes.
 
     Run when a modeling file is imported, by the plugin and by a `trust_remote_code` load alike: heads such as
     `LlamaForSequenceClassification` build their base model through `AutoModel`, which must know the config class.
     The model *type* is registered with AutoConfig by the plugin only: registering it here would let a later load
     of another folder in the same process run without `trust_remote_code`.
     """
+    for value in namespace.values():
+        if isinstance(value, type) and issubclass(value, PosencPreTrainedMixin):
+            value.posenc_base_class = base_class
     for auto_name, reference in config_class.auto_map_entries.items():
         if auto_name != "AutoConfig":
             model_class = namespace[reference.rsplit(".", 1)[1]]
