@@ -39,7 +39,10 @@ from transformers import (  # noqa: E402  (re-exported with the posenc= keyword 
 
 from .auto import ARCHITECTURES, with_posenc  # noqa: E402
 from .modeling.configuration_posenc_gpt2 import PosencGPT2Config  # noqa: E402
+from .modeling.configuration_posenc_gpt_neox import PosencGPTNeoXConfig  # noqa: E402
 from .modeling.configuration_posenc_llama import PosencLlamaConfig  # noqa: E402
+from .modeling.configuration_posenc_mistral import PosencMistralConfig  # noqa: E402
+from .modeling.configuration_posenc_qwen2 import PosencQwen2Config  # noqa: E402
 from .modeling.posenc_schemes import (  # noqa: E402
     SCHEMES,
     alibi_bias,
@@ -58,7 +61,10 @@ __all__ = [
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
     "PosencGPT2Config",
+    "PosencGPTNeoXConfig",
     "PosencLlamaConfig",
+    "PosencMistralConfig",
+    "PosencQwen2Config",
     "SCHEMES",
     "__version__",
     "alibi_bias",

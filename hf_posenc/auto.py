@@ -10,7 +10,13 @@ from collections.abc import Mapping
 import transformers
 from transformers import AutoConfig, PreTrainedConfig
 
-from .modeling import modeling_posenc_gpt2, modeling_posenc_llama
+from .modeling import (
+    modeling_posenc_gpt2,
+    modeling_posenc_gpt_neox,
+    modeling_posenc_llama,
+    modeling_posenc_mistral,
+    modeling_posenc_qwen2,
+)
 from .modeling.posenc_schemes import PosencConfigMixin
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,9 @@ def register_architecture(config_class: type) -> type:
 
 register_architecture(modeling_posenc_gpt2.PosencGPT2Config)
 register_architecture(modeling_posenc_llama.PosencLlamaConfig)
+register_architecture(modeling_posenc_mistral.PosencMistralConfig)
+register_architecture(modeling_posenc_qwen2.PosencQwen2Config)
+register_architecture(modeling_posenc_gpt_neox.PosencGPTNeoXConfig)
 
 
 def _native_rope_parameters(posenc: Mapping) -> dict:

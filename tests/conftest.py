@@ -24,6 +24,20 @@ ARCH_KWARGS = {
         max_position_embeddings=64,
     ),
 }
+LLAMA_LIKE = ARCH_KWARGS["llama"]
+ARCH_KWARGS["mistral"] = LLAMA_LIKE | dict(sliding_window=8)  # shorter than the test inputs: windows matter
+ARCH_KWARGS["qwen2"] = LLAMA_LIKE | dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+ARCH_KWARGS["gpt_neox"] = dict(
+    num_hidden_layers=2,
+    hidden_size=32,
+    num_attention_heads=4,
+    intermediate_size=64,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+    attention_dropout=0.0,
+    hidden_dropout=0.0,
+)
 ARCHS = sorted(ARCH_KWARGS)
 assert ARCHS == sorted(hf_posenc.ARCHITECTURES), "every registered architecture needs a tiny config here"
 
@@ -41,6 +55,7 @@ SCHEME_CASES = {
     "rope_longrope": {
         "type": "rope",
         "rope_type": "longrope",
+        "partial_rotary_factor": 1.0,  # the factor lists below cover the whole head (GPT-NeoX is partial natively)
         "short_factor": [1.0, 1.1, 1.2, 1.3],
         "long_factor": [1.0, 2.0, 3.0, 4.0],
         "original_max_position_embeddings": 32,  # above every test length: longrope switches factors past it
@@ -70,10 +85,10 @@ def wide_config(arch: str, **overrides):
     return tiny_config(arch, **{**WIDE_KWARGS[arch], **overrides})
 
 
-def build(arch: str, posenc, seed: int = 0, **kwargs):
+def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None, **kwargs):
     """A posenc causal LM with seeded random weights, in eval mode; position parameters drawn large enough to matter."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch), posenc=posenc, **kwargs)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **(config_overrides or {})), posenc=posenc, **kwargs)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "relative_attention_bias" in name or "wpe" in name or "embed_positions" in name:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ABSOLUTE, SCHEME_CASES, VOCAB, build, pad_aware_positions, tiny_config
+from conftest import ABSOLUTE, ARCH_KWARGS, SCHEME_CASES, VOCAB, build, pad_aware_positions, tiny_config
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_posenc
@@ -73,8 +73,12 @@ def test_left_padding(arch, case):
 
 
 def test_nope_is_permutation_equivariant(arch):
-    """Without a causal mask, NoPE attention sees a set: permuting the tokens permutes the outputs."""
-    model = build(arch, "nope")
+    """Without a causal mask, NoPE attention sees a set: permuting the tokens permutes the outputs.
+
+    Sliding windows are switched off: a window is itself a position signal (locality).
+    """
+    windows = {"sliding_window": None, "use_sliding_window": False} if "sliding_window" in ARCH_KWARGS[arch] else {}
+    model = build(arch, "nope", config_overrides=windows)
     model.config.is_causal = False
     for module in model.modules():
         if hasattr(module, "is_causal"):

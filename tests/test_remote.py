@@ -27,6 +27,10 @@ CASES = {
     "llama-t5_bias": ("llama", "t5_bias", "AutoModelForCausalLM"),
     "gpt2-nope": ("gpt2", "nope", "AutoModelForCausalLM"),
     "llama-alibi-seqcls": ("llama", "alibi", "AutoModelForSequenceClassification"),
+    "mistral-alibi": ("mistral", "alibi", "AutoModelForCausalLM"),
+    "qwen2-t5_bias": ("qwen2", "t5_bias", "AutoModelForCausalLM"),
+    "gpt_neox-rope": ("gpt_neox", "rope", "AutoModelForCausalLM"),
+    "gpt_neox-learned-seqcls": ("gpt_neox", "learned", "AutoModelForSequenceClassification"),
 }
 
 LOADER = textwrap.dedent(

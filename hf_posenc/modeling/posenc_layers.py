@@ -22,6 +22,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, create_masks_for_generate, sdpa_mask
@@ -474,6 +475,14 @@ def write_code_closure(cls: type, folder: str | os.PathLike) -> list[Path]:
     return written
 
 
+def _inherit_conversion_mapping(posenc_key: str, stock_key: str) -> None:
+    """Give a posenc class or model type the checkpoint key renamings of its stock twin (e.g. GPT-NeoX's
+    `embed_out.` -> `lm_head.`), so stock checkpoints load and posenc ones save under the stock names."""
+    mapping = get_checkpoint_conversion_mapping(stock_key)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(posenc_key, mapping, overwrite=True)
+
+
 def register_model_classes(config_class: type, base_class: type, namespace: dict) -> None:
     """Finish an architecture's modeling file: point every posenc class in it at the base class, and register the
     classes named in `config_class.auto_map_entries` with transformers' Auto classes.
@@ -484,8 +493,11 @@ def register_model_classes(config_class: type, base_class: type, namespace: dict
     of another folder in the same process run without `trust_remote_code`.
     """
     for value in namespace.values():
-        if isinstance(value, type) and issubclass(value, PosencPreTrainedMixin):
+        if isinstance(value, type) and issubclass(value, PosencPreTrainedMixin) and issubclass(value, PreTrainedModel):
             value.posenc_base_class = base_class
+            stock = next(c for c in value.__mro__ if c.__module__.startswith("transformers.models."))
+            _inherit_conversion_mapping(value.__name__, stock.__name__)
+    _inherit_conversion_mapping(config_class.model_type, config_class.base_model_type)
     for auto_name, reference in config_class.auto_map_entries.items():
         if auto_name != "AutoConfig":
             model_class = namespace[reference.rsplit(".", 1)[1]]
