@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import transformers
 from transformers import AutoConfig, PreTrainedConfig
 
+from .convert import load_converted
 from .modeling import (
     modeling_posenc_gpt2,
     modeling_posenc_gpt_neox,
@@ -116,13 +117,20 @@ def _add_posenc_keyword(auto_class: type) -> None:
 
     @functools.wraps(stock_from_pretrained)
     def from_pretrained(cls, pretrained_model_name_or_path, *args, posenc=None, **kwargs):
-        if posenc is not None:
-            config = kwargs.pop("config", None)
-            if config is None or isinstance(config, (str, os.PathLike)):
-                config, kwargs = _read_config(config or pretrained_model_name_or_path, kwargs)
-            kwargs["config"] = with_posenc(config, posenc)
-            logger.info("loading %s as %s", pretrained_model_name_or_path, kwargs["config"].posenc)
-        return stock_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+        if posenc is None:
+            return stock_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
+        config = kwargs.pop("config", None)
+        if config is None or isinstance(config, (str, os.PathLike)):
+            config, kwargs = _read_config(config or pretrained_model_name_or_path, kwargs)
+        return load_converted(
+            functools.partial(stock_from_pretrained, cls, pretrained_model_name_or_path, *args),
+            pretrained_model_name_or_path,
+            config,
+            with_posenc(config, posenc),
+            ARCHITECTURES,
+            with_posenc,
+            kwargs,
+        )
 
     auto_class.from_config = classmethod(from_config)
     auto_class.from_pretrained = classmethod(from_pretrained)

@@ -110,10 +110,10 @@ class PosencGPT2Model(PosencPreTrainedMixin, GPT2Model):
                 f"posenc {posenc['type']!r} is a self-attention bias and GPT-2's cross-attention cannot take it; with "
                 "add_cross_attention=True use learned, sinusoidal, rope or nope"
             )
-        if posenc["type"] == "learned":
+        if posenc["type"] == "learned" and posenc["num_positions"] == self.wpe.num_embeddings:
             upgrade(self.wpe, LearnedPositionEmbedding)  # the stock table, so stock weights load
         else:
-            table = input_position_module(posenc, self.config.n_positions, self.embed_dim, self.wte)
+            table = input_position_module(posenc, self.embed_dim, self.wte)
             self.wpe = table if table is not None else ZeroPositionEmbedding()
         self.rotary_emb = PosencRotaryEmbedding(self.config) if get_scheme(posenc["type"]).site == "rotation" else None
         for block in self.h:

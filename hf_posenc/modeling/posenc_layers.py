@@ -86,12 +86,10 @@ class ZeroPositionEmbedding(nn.Module):
         return torch.zeros((), device=position_ids.device)
 
 
-def input_position_module(
-    posenc: dict, num_positions: int, dim: int, token_embedding: nn.Embedding
-) -> nn.Module | None:
+def input_position_module(posenc: dict, dim: int, token_embedding: nn.Embedding) -> nn.Module | None:
     """The module that embeds positions for an `embedding`-site scheme, or None for every other scheme."""
     if posenc["type"] == "learned":
-        return LearnedPositionEmbedding(num_positions, dim)
+        return LearnedPositionEmbedding(posenc["num_positions"], dim)
     if posenc["type"] == "sinusoidal":
         return SinusoidalPositionEmbedding(dim, posenc["base"], token_embedding)
     if get_scheme(posenc["type"]).site == "embedding":
@@ -361,9 +359,7 @@ class RotarySlotAdapter:
     def install_posenc(self) -> None:
         config, posenc = self.config, self.config.posenc
         token_embedding = getattr(self, self.token_embedding_name)
-        self.embed_positions = input_position_module(
-            posenc, config.max_position_embeddings, config.hidden_size, token_embedding
-        )
+        self.embed_positions = input_position_module(posenc, config.hidden_size, token_embedding)
         if get_scheme(posenc["type"]).site == "rotation":
             self.rotary_emb = PosencRotaryEmbedding(config, pad_to_head_dim=self.pad_partial_rotary)
         else:

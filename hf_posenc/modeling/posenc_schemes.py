@@ -263,7 +263,26 @@ def _simple_scheme(name: str, site: str, relative: bool, description: str, spec:
     return register_scheme(Scheme(name, site, relative, description, normalize))
 
 
-_simple_scheme("learned", "embedding", False, "trained absolute position table (GPT-2, BERT)", {})
+GROW_METHODS = ("tile", "interpolate")
+
+
+def _normalize_learned(params: dict, config: Any) -> dict:
+    out = _check_params(
+        "learned",
+        params,
+        {
+            "num_positions": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+            "grow": Param(None, lambda v: v is None or v in GROW_METHODS, f"one of {GROW_METHODS} or None"),
+        },
+    )
+    if out["num_positions"] is None:
+        out["num_positions"] = config.max_position_embeddings
+    return out
+
+
+register_scheme(
+    Scheme("learned", "embedding", False, "trained absolute position table (GPT-2, BERT)", _normalize_learned)
+)
 _simple_scheme(
     "sinusoidal",
     "embedding",
