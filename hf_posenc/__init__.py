@@ -32,17 +32,21 @@ _check_transformers()
 from transformers import (  # noqa: E402  (re-exported with the posenc= keyword added)
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForMultipleChoice,
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
 )
 
 from .auto import ARCHITECTURES, with_posenc  # noqa: E402
+from .modeling.configuration_posenc_bert import PosencBertConfig  # noqa: E402
 from .modeling.configuration_posenc_gpt2 import PosencGPT2Config  # noqa: E402
 from .modeling.configuration_posenc_gpt_neox import PosencGPTNeoXConfig  # noqa: E402
 from .modeling.configuration_posenc_llama import PosencLlamaConfig  # noqa: E402
 from .modeling.configuration_posenc_mistral import PosencMistralConfig  # noqa: E402
 from .modeling.configuration_posenc_qwen2 import PosencQwen2Config  # noqa: E402
+from .modeling.configuration_posenc_roberta import PosencRobertaConfig  # noqa: E402
 from .modeling.posenc_schemes import (  # noqa: E402
     SCHEMES,
     alibi_bias,
@@ -57,14 +61,18 @@ __all__ = [
     "ARCHITECTURES",
     "AutoModel",
     "AutoModelForCausalLM",
+    "AutoModelForMaskedLM",
+    "AutoModelForMultipleChoice",
     "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
+    "PosencBertConfig",
     "PosencGPT2Config",
     "PosencGPTNeoXConfig",
     "PosencLlamaConfig",
     "PosencMistralConfig",
     "PosencQwen2Config",
+    "PosencRobertaConfig",
     "SCHEMES",
     "__version__",
     "alibi_bias",

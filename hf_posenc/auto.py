@@ -12,11 +12,13 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from .convert import load_converted
 from .modeling import (
+    modeling_posenc_bert,
     modeling_posenc_gpt2,
     modeling_posenc_gpt_neox,
     modeling_posenc_llama,
     modeling_posenc_mistral,
     modeling_posenc_qwen2,
+    modeling_posenc_roberta,
 )
 from .modeling.posenc_schemes import PosencConfigMixin
 
@@ -44,6 +46,8 @@ register_architecture(modeling_posenc_llama.PosencLlamaConfig)
 register_architecture(modeling_posenc_mistral.PosencMistralConfig)
 register_architecture(modeling_posenc_qwen2.PosencQwen2Config)
 register_architecture(modeling_posenc_gpt_neox.PosencGPTNeoXConfig)
+register_architecture(modeling_posenc_bert.PosencBertConfig)
+register_architecture(modeling_posenc_roberta.PosencRobertaConfig)
 
 
 def _native_rope_parameters(posenc: Mapping) -> dict:

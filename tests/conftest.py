@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hf_posenc
 
@@ -38,7 +38,21 @@ ARCH_KWARGS["gpt_neox"] = dict(
     attention_dropout=0.0,
     hidden_dropout=0.0,
 )
+ENCODERS = ["bert", "roberta"]
+for _encoder in ENCODERS:
+    ARCH_KWARGS[_encoder] = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=1,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
 ARCHS = sorted(ARCH_KWARGS)
+DECODERS = [arch for arch in ARCHS if arch not in ENCODERS]
 assert ARCHS == sorted(hf_posenc.ARCHITECTURES), "every registered architecture needs a tiny config here"
 
 # One case per scheme and per RoPE variant; the ids name them in test reports.
@@ -85,10 +99,12 @@ def wide_config(arch: str, **overrides):
     return tiny_config(arch, **{**WIDE_KWARGS[arch], **overrides})
 
 
-def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None, **kwargs):
-    """A posenc causal LM with seeded random weights, in eval mode; position parameters drawn large enough to matter."""
+def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None, auto_class=None, **kwargs):
+    """A posenc model (causal LM for decoders, masked LM for encoders) with seeded random weights, in eval mode;
+    position parameters drawn large enough to matter."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **(config_overrides or {})), posenc=posenc, **kwargs)
+    auto_class = auto_class or (AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM)
+    model = auto_class.from_config(tiny_config(arch, **(config_overrides or {})), posenc=posenc, **kwargs)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "relative_attention_bias" in name or "wpe" in name or "embed_positions" in name:
@@ -101,8 +117,13 @@ def pad_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
 
 
-@pytest.fixture(params=ARCHS)
+@pytest.fixture(params=DECODERS)
 def arch(request):
+    return request.param
+
+
+@pytest.fixture(params=ENCODERS)
+def encoder(request):
     return request.param
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, VOCAB, tiny_config
+from conftest import DECODERS, VOCAB, tiny_config
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_posenc.convert import grown_table
@@ -14,7 +14,7 @@ from hf_posenc.convert import grown_table
 def stock_checkpoints(tmp_path_factory):
     """One saved stock model (random weights) per architecture: {arch: (folder, model)}."""
     saved = {}
-    for arch in ARCHS:
+    for arch in DECODERS:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
         folder = tmp_path_factory.mktemp(f"stock-{arch}")
@@ -23,7 +23,7 @@ def stock_checkpoints(tmp_path_factory):
     return saved
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", DECODERS)
 @pytest.mark.parametrize("posenc", ["alibi", "t5_bias", "learned", "rope"])
 def test_report_accounts_for_every_tensor(stock_checkpoints, arch, posenc):
     """kept + added are the model's tensors, dropped + kept the checkpoint's; kept ones are equal weight by weight."""

@@ -33,6 +33,7 @@ from .posenc_layers import (
     attach_score_bias,
     default_position_ids,
     input_position_module,
+    refuse_bias_with_cross_attention,
     register_model_classes,
     score_bias_module,
     upgrade,
@@ -105,11 +106,7 @@ class PosencGPT2Model(PosencPreTrainedMixin, GPT2Model):
     def install_posenc(self) -> None:
         """Place the scheme at its site (see the module docstring). Called once, after the stock `__init__`."""
         posenc = self.config.posenc
-        if self.config.add_cross_attention and get_scheme(posenc["type"]).site == "bias":
-            raise ValueError(
-                f"posenc {posenc['type']!r} is a self-attention bias and GPT-2's cross-attention cannot take it; with "
-                "add_cross_attention=True use learned, sinusoidal, rope or nope"
-            )
+        refuse_bias_with_cross_attention(self.config)
         if posenc["type"] == "learned" and posenc["num_positions"] == self.wpe.num_embeddings:
             upgrade(self.wpe, LearnedPositionEmbedding)  # the stock table, so stock weights load
         else:

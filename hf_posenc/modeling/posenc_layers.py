@@ -48,14 +48,17 @@ from .posenc_schemes import (
 class LearnedPositionEmbedding(nn.Embedding):
     """A trained absolute position table that names the position it cannot embed instead of an index error."""
 
+    def check_positions(self, last: int) -> None:
+        if last >= self.num_embeddings:
+            raise ValueError(
+                f"position {last} is past the learned position table ({self.num_embeddings} positions); "
+                "use a shorter input, grow the table (posenc={'type': 'learned', 'num_positions': N, 'grow': ...}) "
+                "or a relative scheme (rope, alibi, t5_bias)"
+            )
+
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling() and position_ids.numel():
-            last = int(position_ids.max())
-            if last >= self.num_embeddings:
-                raise ValueError(
-                    f"position {last} is past the learned position table ({self.num_embeddings} positions); "
-                    "use a shorter input or a relative scheme (rope, alibi, t5_bias)"
-                )
+            self.check_positions(int(position_ids.max()))
         return super().forward(position_ids)
 
 
@@ -226,6 +229,15 @@ def score_bias_module(posenc: dict, num_heads: int, bidirectional: bool) -> nn.M
     if get_scheme(posenc["type"]).site == "bias":
         raise NotImplementedError(f"no score-bias module for posenc {posenc['type']!r}")
     return None
+
+
+def refuse_bias_with_cross_attention(config) -> None:
+    """Cross-attention layers take the same attention implementation but carry no position bias: refuse the pair."""
+    if getattr(config, "add_cross_attention", False) and get_scheme(config.posenc["type"]).site == "bias":
+        raise ValueError(
+            f"posenc {config.posenc['type']!r} is a self-attention bias and cross-attention cannot take it; with "
+            "add_cross_attention=True use learned, sinusoidal, rope or nope"
+        )
 
 
 def attach_score_bias(owner: nn.Module, attention_modules, provider: nn.Module | None) -> None:

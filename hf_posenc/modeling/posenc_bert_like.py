@@ -1,0 +1,119 @@
+"""The adapter of BERT-like encoders (BERT, RoBERTa): an absolute table in the embeddings, `layer[i].attention.self`.
+
+Part of the `trust_remote_code` closure: imports only torch, transformers and sibling files.
+
+Sites:
+- input embedding: the native `embeddings.position_embeddings` slot keeps the learned table for `learned`, holds the
+  fixed table for `sinusoidal` and an exact zero for every other scheme;
+- q/k rotation: BERT has none, so the self-attention rotates q and k before its (decoder-mode) cache update, with
+  cos/sin computed once per forward by the base model's `rotary_emb`;
+- score bias: one provider on the base model (`position_bias`). Encoders attend both ways, so ALiBi's `-m|i-j|` is
+  the symmetric form and T5's buckets are bidirectional; in decoder mode (`is_decoder=True`) they are causal.
+"""
+
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import EncoderDecoderCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert.modeling_bert import eager_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from .posenc_layers import (
+    LearnedPositionEmbedding,
+    PosencRotaryEmbedding,
+    ZeroPositionEmbedding,
+    attach_score_bias,
+    default_position_ids,
+    input_position_module,
+    refuse_bias_with_cross_attention,
+    score_bias_module,
+    upgrade,
+)
+from .posenc_schemes import get_scheme
+
+
+class RotatingSelfAttentionMixin:
+    """BERT-like self-attention that can rotate q and k (RoPE) before the cache update; without
+    `position_embeddings` (every scheme but RoPE) it is the stock forward."""
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+        if position_embeddings is None:
+            return super().forward(
+                hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
+            )
+        input_shape = hidden_states.shape[:-1]
+        shape = (*input_shape, -1, self.attention_head_size)
+        query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, D)
+        key = self.key(hidden_states).view(shape).transpose(1, 2)
+        value = self.value(hidden_states).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            cache = past_key_values
+            if isinstance(cache, EncoderDecoderCache):
+                cache = cache.self_attention_cache
+            key, value = cache.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.dropout.p,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
+
+
+class BertLikeAdapter:
+    """Place after `PosencPreTrainedMixin` and before the stock base model; `posenc_attention_class` is the
+    architecture's self-attention class with `RotatingSelfAttentionMixin` in front."""
+
+    posenc_attention_class: type
+
+    def _self_attentions(self):
+        return [layer.attention.self for layer in self.encoder.layer]
+
+    def install_posenc(self) -> None:
+        config, posenc = self.config, self.config.posenc
+        site = get_scheme(posenc["type"]).site
+        refuse_bias_with_cross_attention(config)
+        embeddings = self.embeddings
+        if posenc["type"] == "learned" and posenc["num_positions"] == embeddings.position_embeddings.num_embeddings:
+            upgrade(embeddings.position_embeddings, LearnedPositionEmbedding)  # the stock table: stock weights load
+        else:
+            table = input_position_module(posenc, config.hidden_size, embeddings.word_embeddings)
+            embeddings.position_embeddings = table if table is not None else ZeroPositionEmbedding()
+        self.rotary_emb = PosencRotaryEmbedding(config) if site == "rotation" else None
+        for attention in self._self_attentions():
+            upgrade(attention, self.posenc_attention_class)
+        provider = score_bias_module(posenc, config.num_attention_heads, bidirectional=not config.is_decoder)
+        attach_score_bias(self, self._self_attentions(), provider)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        inputs_embeds = kwargs.get("inputs_embeds")
+        reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if token_type_ids is None:  # what the stock buffer gives, without its max_position_embeddings limit
+            token_type_ids = torch.zeros_like(reference, dtype=torch.long)
+        table = self.embeddings.position_embeddings
+        if isinstance(table, LearnedPositionEmbedding) and position_ids is None:
+            # the stock default slices a buffer of the table's length: name the limit rather than fail on a shape
+            past = kwargs.get("past_key_values")
+            last = reference.shape[-1] - 1 + (past.get_seq_length() if past is not None else 0)
+            table.check_positions(last)
+        if self.config.posenc["type"] != "learned" and position_ids is None:
+            # stock defaults come from a max_position_embeddings-long buffer; relative schemes are not bound by it
+            position_ids = default_position_ids(reference.shape[-1], kwargs.get("past_key_values"), reference.device)
+        if self.rotary_emb is not None:
+            kwargs["position_embeddings"] = self.rotary_emb(self.embeddings.word_embeddings.weight, position_ids)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            **kwargs,
+        )
