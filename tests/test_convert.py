@@ -4,31 +4,35 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DECODERS, VOCAB, tiny_config
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from conftest import ARCHS, ENCODERS, VOCAB, tiny_config
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, Trainer, TrainingArguments
 
 from hf_posenc.convert import grown_table
+
+
+def auto_class(arch):
+    return AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM
 
 
 @pytest.fixture(scope="module")
 def stock_checkpoints(tmp_path_factory):
     """One saved stock model (random weights) per architecture: {arch: (folder, model)}."""
     saved = {}
-    for arch in DECODERS:
+    for arch in ARCHS:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config(arch)).eval()
+        model = auto_class(arch).from_config(tiny_config(arch)).eval()
         folder = tmp_path_factory.mktemp(f"stock-{arch}")
         model.save_pretrained(folder)
         saved[arch] = (folder, model)
     return saved
 
 
-@pytest.mark.parametrize("arch", DECODERS)
-@pytest.mark.parametrize("posenc", ["alibi", "t5_bias", "learned", "rope"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("posenc", ["alibi", "t5_bias", "learned", "rope", "sinusoidal"])
 def test_report_accounts_for_every_tensor(stock_checkpoints, arch, posenc):
     """kept + added are the model's tensors, dropped + kept the checkpoint's; kept ones are equal weight by weight."""
     folder, stock = stock_checkpoints[arch]
-    model = AutoModelForCausalLM.from_pretrained(folder, posenc=posenc)
+    model = auto_class(arch).from_pretrained(folder, posenc=posenc)
     report = model.posenc_conversion
     assert report.posenc == model.config.posenc
     assert set(report.kept) | set(report.added) == set(model.state_dict())
@@ -101,13 +105,15 @@ def test_never_a_silent_resize(stock_checkpoints, posenc, message):
         AutoModelForCausalLM.from_pretrained(stock_checkpoints["gpt2"][0], posenc=posenc)
 
 
-@pytest.mark.parametrize(("arch", "posenc"), [("gpt2", "alibi"), ("llama", "t5_bias"), ("gpt_neox", "alibi")])
+@pytest.mark.parametrize(
+    ("arch", "posenc"), [("gpt2", "alibi"), ("llama", "t5_bias"), ("gpt_neox", "alibi"), ("bert", "rope")]
+)
 def test_fine_tune_converted_checkpoint_with_trainer(stock_checkpoints, arch, posenc, tmp_path):
     """A converted checkpoint fine-tunes with transformers' Trainer: the loss goes down and the result reloads."""
-    model = AutoModelForCausalLM.from_pretrained(stock_checkpoints[arch][0], posenc=posenc)
+    model = auto_class(arch).from_pretrained(stock_checkpoints[arch][0], posenc=posenc)
     generator = torch.Generator().manual_seed(0)
-    starts = torch.randint(0, VOCAB, (64, 1), generator=generator)
-    sequences = (starts + torch.arange(24)) % VOCAB  # counting: learnable in a few steps
+    starts = torch.randint(3, VOCAB, (64, 1), generator=generator)
+    sequences = 3 + (starts + torch.arange(24)) % (VOCAB - 3)  # counting, no pad ids: learnable in a few steps
     dataset = [{"input_ids": s, "labels": s} for s in sequences]
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -124,5 +130,18 @@ def test_fine_tune_converted_checkpoint_with_trainer(stock_checkpoints, arch, po
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.7 * losses[0], losses
     trainer.save_model(str(tmp_path / "final"))
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    reloaded = auto_class(arch).from_pretrained(tmp_path / "final")
     assert reloaded.config.posenc == model.config.posenc
+
+
+def test_unsupported_checkpoint_names_the_supported(tmp_path):
+    """Converting a checkpoint of an unsupported architecture fails before loading, listing the supported ones."""
+    from transformers import AutoConfig
+
+    import hf_posenc
+
+    config = AutoConfig.for_model("opt", num_hidden_layers=1, hidden_size=32, num_attention_heads=2, ffn_dim=64)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    supported = ", ".join(sorted(hf_posenc.ARCHITECTURES))
+    with pytest.raises(ValueError, match=f"does not support architecture 'opt'; supported: {supported}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, posenc="alibi")

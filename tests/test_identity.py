@@ -122,3 +122,23 @@ def test_gpt_neox_native_partial_rotary(rotary_pct, tmp_path):
     assert converted.config.posenc["partial_rotary_factor"] == rotary_pct
     with torch.no_grad():
         assert torch.equal(converted(x()).logits, stock(x()).logits)
+
+
+@pytest.mark.parametrize("encoder", ["bert", "roberta"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_encoder_native_scheme_gives_stock_logits(encoder, implementation, tmp_path):
+    """A stock BERT/RoBERTa masked-LM checkpoint converted with posenc="learned" is bit-identical, padding included."""
+    from transformers import AutoModelForMaskedLM
+
+    torch.manual_seed(0)
+    stock = AutoModelForMaskedLM.from_config(tiny_config(encoder), attn_implementation=implementation).eval()
+    stock.save_pretrained(tmp_path)
+    converted = AutoModelForMaskedLM.from_pretrained(
+        tmp_path, posenc="learned", attn_implementation=implementation
+    ).eval()
+    assert converted.posenc_conversion.added == converted.posenc_conversion.dropped == []
+    inputs = x()
+    inputs[0, -4:] = 1  # pad_token_id of the tiny encoder configs
+    mask = (inputs != 1).long()
+    with torch.no_grad():
+        assert torch.equal(converted(inputs, attention_mask=mask).logits, stock(inputs, attention_mask=mask).logits)

@@ -13,8 +13,8 @@ import textwrap
 
 import pytest
 import torch
-from conftest import SCHEME_CASES, VOCAB, build, tiny_config
-from transformers import AutoModelForSequenceClassification
+import transformers
+from conftest import ENCODERS, SCHEME_CASES, VOCAB, build
 
 # at least one scheme of each site, on each architecture, plus a head whose base is built through AutoModel
 CASES = {
@@ -31,6 +31,10 @@ CASES = {
     "qwen2-t5_bias": ("qwen2", "t5_bias", "AutoModelForCausalLM"),
     "gpt_neox-rope": ("gpt_neox", "rope", "AutoModelForCausalLM"),
     "gpt_neox-learned-seqcls": ("gpt_neox", "learned", "AutoModelForSequenceClassification"),
+    "bert-alibi-mlm": ("bert", "alibi", "AutoModelForMaskedLM"),
+    "bert-rope_yarn-tokcls": ("bert", "rope_yarn", "AutoModelForTokenClassification"),
+    "roberta-t5_bias-seqcls": ("roberta", "t5_bias", "AutoModelForSequenceClassification"),
+    "roberta-sinusoidal-mlm": ("roberta", "sinusoidal", "AutoModelForMaskedLM"),
 }
 
 LOADER = textwrap.dedent(
@@ -61,15 +65,14 @@ def remote_results(tmp_path_factory):
     jobs = []
     for name, (arch, case, auto_name) in CASES.items():
         folder = str(tmp_path_factory.mktemp(name))
-        if auto_name == "AutoModelForCausalLM":
-            model = build(arch, SCHEME_CASES[case])
-        else:
-            torch.manual_seed(0)
-            config = tiny_config(arch, pad_token_id=0, num_labels=3)
-            model = AutoModelForSequenceClassification.from_config(config, posenc=SCHEME_CASES[case]).eval()
+        auto_class = getattr(transformers, auto_name)
+        overrides = {"num_labels": 3} | ({} if arch in ENCODERS else {"pad_token_id": 0})
+        model = build(arch, SCHEME_CASES[case], auto_class=auto_class, config_overrides=overrides)
         inputs = {
             "input_ids": torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0)),
-            "attention_mask": torch.tensor([[0, 0] + [1] * 8, [1] * 10]),
+            "attention_mask": torch.tensor(
+                [[0, 0] + [1] * 8, [1] * 10] if arch not in ENCODERS else [[1] * 8 + [0, 0], [1] * 10]
+            ),
         }
         with torch.no_grad():
             expected = model(**inputs).logits
