@@ -145,3 +145,14 @@ def test_unsupported_checkpoint_names_the_supported(tmp_path):
     supported = ", ".join(sorted(hf_posenc.ARCHITECTURES))
     with pytest.raises(ValueError, match=f"does not support architecture 'opt'; supported: {supported}"):
         AutoModelForCausalLM.from_pretrained(tmp_path, posenc="alibi")
+
+
+def test_rope_to_scaled_rope_keeps_every_weight(stock_checkpoints):
+    """Llama default RoPE -> YaRN x4: every tensor kept, nothing added or dropped, only rope_parameters change."""
+    folder, stock = stock_checkpoints["llama"]
+    model = AutoModelForCausalLM.from_pretrained(folder, posenc={"type": "rope", "rope_type": "yarn", "factor": 4.0})
+    report = model.posenc_conversion
+    assert report.added == report.dropped == report.grown == []
+    assert sorted(report.kept) == sorted(stock.state_dict())
+    assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 4.0
+    assert stock.config.rope_parameters["rope_type"] == "default"

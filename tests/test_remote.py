@@ -14,27 +14,16 @@ import textwrap
 import pytest
 import torch
 import transformers
-from conftest import ENCODERS, SCHEME_CASES, VOCAB, build
+from conftest import ARCHS, ENCODERS, SCHEME_CASES, VOCAB, build
 
-# at least one scheme of each site, on each architecture, plus a head whose base is built through AutoModel
-CASES = {
-    "gpt2-sinusoidal": ("gpt2", "sinusoidal", "AutoModelForCausalLM"),
-    "llama-learned": ("llama", "learned", "AutoModelForCausalLM"),
-    "gpt2-rope_yarn": ("gpt2", "rope_yarn", "AutoModelForCausalLM"),
-    "llama-rope_partial": ("llama", "rope_partial", "AutoModelForCausalLM"),
-    "llama-rope_ntk": ("llama", "rope_ntk", "AutoModelForCausalLM"),
-    "gpt2-alibi": ("gpt2", "alibi", "AutoModelForCausalLM"),
-    "llama-t5_bias": ("llama", "t5_bias", "AutoModelForCausalLM"),
-    "gpt2-nope": ("gpt2", "nope", "AutoModelForCausalLM"),
-    "llama-alibi-seqcls": ("llama", "alibi", "AutoModelForSequenceClassification"),
-    "mistral-alibi": ("mistral", "alibi", "AutoModelForCausalLM"),
-    "qwen2-t5_bias": ("qwen2", "t5_bias", "AutoModelForCausalLM"),
-    "gpt_neox-rope": ("gpt_neox", "rope", "AutoModelForCausalLM"),
+# every (architecture, scheme) pair on the architecture's main head, plus heads built in other ways
+MAIN_HEAD = {arch: "AutoModelForMaskedLM" if arch in ENCODERS else "AutoModelForCausalLM" for arch in ARCHS}
+CASES = {f"{arch}-{case}": (arch, case, MAIN_HEAD[arch]) for arch in ARCHS for case in SCHEME_CASES}
+CASES |= {
+    "llama-alibi-seqcls": ("llama", "alibi", "AutoModelForSequenceClassification"),  # base built through AutoModel
     "gpt_neox-learned-seqcls": ("gpt_neox", "learned", "AutoModelForSequenceClassification"),
-    "bert-alibi-mlm": ("bert", "alibi", "AutoModelForMaskedLM"),
     "bert-rope_yarn-tokcls": ("bert", "rope_yarn", "AutoModelForTokenClassification"),
     "roberta-t5_bias-seqcls": ("roberta", "t5_bias", "AutoModelForSequenceClassification"),
-    "roberta-sinusoidal-mlm": ("roberta", "sinusoidal", "AutoModelForMaskedLM"),
 }
 
 LOADER = textwrap.dedent(
