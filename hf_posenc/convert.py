@@ -50,22 +50,28 @@ class ConversionReport:
         )
 
 
-def grown_table(weight: torch.Tensor, rows: int, method: str) -> torch.Tensor:
+def grown_table(weight: torch.Tensor, rows: int, method: str, reserved: int = 0) -> torch.Tensor:
     """A learned position table of `rows` rows made from `weight` (n, d), n <= rows.
 
-    - `tile`: rows 0..n-1 stay exactly as trained; position p >= n reuses row p mod n.
-    - `interpolate`: the table is stretched linearly over `rows` positions (its first and last rows stay), the
-      learned-table analogue of position interpolation: every position moves, none is out of distribution.
+    The first `reserved` rows are not positions (RoBERTa keeps rows 0..padding_idx, its positions start after) and
+    stay as they are; only the n - reserved position rows grow:
+    - `tile`: the trained rows stay exactly; position p past them reuses row p mod (n - reserved).
+    - `interpolate`: the rows are stretched linearly over the new length (the first and last stay), the learned-table
+      analogue of position interpolation: every position moves, none is out of distribution.
     """
     n = weight.shape[0]
     if rows < n:
         raise ValueError(f"cannot grow a learned table of {n} positions to {rows}: that would drop trained rows")
+    head, body = weight[:reserved], weight[reserved:]
+    size = rows - reserved
     if method == "tile":
-        return weight[torch.arange(rows, device=weight.device) % n].clone()
-    if method == "interpolate":
-        stretched = nn.functional.interpolate(weight.T[None].float(), size=rows, mode="linear", align_corners=True)
-        return stretched[0].T.to(weight.dtype).contiguous()
-    raise ValueError(f"unknown grow method {method!r}; allowed: {', '.join(GROW_METHODS)}")
+        grown = body[torch.arange(size, device=weight.device) % body.shape[0]]
+    elif method == "interpolate":
+        stretched = nn.functional.interpolate(body.T[None].float(), size=size, mode="linear", align_corners=True)
+        grown = stretched[0].T.to(weight.dtype)
+    else:
+        raise ValueError(f"unknown grow method {method!r}; allowed: {', '.join(GROW_METHODS)}")
+    return torch.cat([head, grown]).contiguous()
 
 
 def learned_rows(config: PreTrainedConfig, architectures: dict) -> int | None:
@@ -113,8 +119,10 @@ def load_converted(load, source: str, source_config, target_config, architecture
     if load_config is not target_config:
         for name, module in model.named_modules():
             if isinstance(module, LearnedPositionEmbedding):
+                reserved = 0 if module.padding_idx is None else module.padding_idx + 1  # RoBERTa's padding rows
                 with torch.no_grad():
-                    module.weight = nn.Parameter(grown_table(module.weight, target["num_positions"], target["grow"]))
+                    weight = grown_table(module.weight, target["num_positions"], target["grow"], reserved)
+                    module.weight = nn.Parameter(weight)
                 module.num_embeddings = target["num_positions"]
                 report.grown.append(f"{name}.weight: {rows} -> {target['num_positions']} rows ({target['grow']})")
                 report.kept.remove(f"{name}.weight")

@@ -168,3 +168,13 @@ def test_every_head(encoder):
         x = tokens()[:, None].repeat(1, 3, 1) if "MultipleChoice" in auto_name else tokens()
         with torch.no_grad():
             model(x, attention_mask=torch.ones_like(x))
+
+
+def test_roberta_default_positions_ignore_left_padding(case):
+    """RoBERTa counts positions from the first real token: with default position ids, left padding changes nothing
+    for any scheme, absolute ones included (as for the stock RoBERTa)."""
+    model = build("roberta", SCHEME_CASES[case])
+    x = tokens(batch=1)
+    padded = torch.cat([torch.full((1, 5), PAD), x], dim=1)
+    got = logits(model, padded, attention_mask=(padded != PAD).long())[:, 5:]
+    torch.testing.assert_close(got, logits(model, x), atol=2e-5, rtol=1e-4)

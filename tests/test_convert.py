@@ -156,3 +156,37 @@ def test_rope_to_scaled_rope_keeps_every_weight(stock_checkpoints):
     assert sorted(report.kept) == sorted(stock.state_dict())
     assert model.config.rope_parameters["rope_type"] == "yarn" and model.config.rope_parameters["factor"] == 4.0
     assert stock.config.rope_parameters["rope_type"] == "default"
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("method", ["tile", "interpolate"])
+def test_grow_encoder_table(stock_checkpoints, encoder, method, tmp_path):
+    """BERT's and RoBERTa's tables grow too and the models run past the old length; RoBERTa's reserved rows (0 and its
+    padding row) stay where they are and only the position rows after them grow."""
+    folder, stock = stock_checkpoints[encoder]
+    model = AutoModelForMaskedLM.from_pretrained(
+        folder, posenc={"type": "learned", "num_positions": 160, "grow": method}
+    ).eval()
+    old = stock.base_model.embeddings.position_embeddings.weight  # 64 rows
+    new = model.base_model.embeddings.position_embeddings.weight
+    reserved = 2 if encoder == "roberta" else 0
+    assert new.shape[0] == 160 and torch.equal(new[:reserved], old[:reserved])
+    if method == "tile":
+        period = 64 - reserved
+        assert torch.equal(new[reserved : reserved + period], old[reserved:])
+        assert torch.equal(new[reserved + period : reserved + 2 * period], old[reserved:])
+    else:
+        assert torch.equal(new[reserved], old[reserved]) and torch.allclose(new[-1], old[-1], atol=1e-6)
+    x = torch.randint(3, VOCAB, (1, 150))
+    with torch.no_grad():
+        assert model(x).logits.shape == (1, 150, VOCAB)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForMaskedLM.from_pretrained(tmp_path)(x).logits, model(x).logits)
+
+
+def test_new_roberta_table_keeps_its_padding_row():
+    """A RoBERTa learned table built at another length keeps the stock padding_idx (its zero, untrained row)."""
+    model = AutoModelForMaskedLM.from_config(tiny_config("roberta"), posenc={"type": "learned", "num_positions": 100})
+    table = model.base_model.embeddings.position_embeddings
+    assert table.num_embeddings == 100 and table.padding_idx == model.config.pad_token_id

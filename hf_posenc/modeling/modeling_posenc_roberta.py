@@ -25,6 +25,14 @@ class PosencRobertaModel(PosencPreTrainedMixin, BertLikeAdapter, RobertaModel):
     _auto_class = "AutoModel"
     posenc_attention_class = PosencRobertaSelfAttention
 
+    def default_position_ids(self, input_ids, inputs_embeds, past_key_values):
+        """RoBERTa's own rule: count real tokens from padding_idx + 1, padding keeps padding_idx."""
+        padding_idx = self.embeddings.padding_idx
+        if input_ids is None:
+            return self.embeddings.create_position_ids_from_inputs_embeds(inputs_embeds, padding_idx)
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return self.embeddings.create_position_ids_from_input_ids(input_ids, padding_idx, past)
+
 
 class PosencRobertaForCausalLM(PosencPreTrainedMixin, RobertaForCausalLM):
     config_class = PosencRobertaConfig

@@ -83,10 +83,13 @@ class BertLikeAdapter:
         site = get_scheme(posenc["type"]).site
         refuse_bias_with_cross_attention(config)
         embeddings = self.embeddings
-        if posenc["type"] == "learned" and posenc["num_positions"] == embeddings.position_embeddings.num_embeddings:
-            upgrade(embeddings.position_embeddings, LearnedPositionEmbedding)  # the stock table: stock weights load
+        stock_table = embeddings.position_embeddings
+        if posenc["type"] == "learned" and posenc["num_positions"] == stock_table.num_embeddings:
+            upgrade(stock_table, LearnedPositionEmbedding)  # the stock table: stock weights load
         else:
-            table = input_position_module(posenc, config.hidden_size, embeddings.word_embeddings)
+            table = input_position_module(
+                posenc, config.hidden_size, embeddings.word_embeddings, padding_idx=stock_table.padding_idx
+            )
             embeddings.position_embeddings = table if table is not None else ZeroPositionEmbedding()
         self.rotary_emb = PosencRotaryEmbedding(config) if site == "rotation" else None
         for attention in self._self_attentions():
@@ -94,20 +97,20 @@ class BertLikeAdapter:
         provider = score_bias_module(posenc, config.num_attention_heads, bidirectional=not config.is_decoder)
         attach_score_bias(self, self._self_attentions(), provider)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
-        inputs_embeds = kwargs.get("inputs_embeds")
+    def default_position_ids(self, input_ids, inputs_embeds, past_key_values) -> torch.Tensor:
+        """The architecture's own default positions (BERT: counting from the cache; RoBERTa overrides this)."""
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        if token_type_ids is None:  # what the stock buffer gives, without its max_position_embeddings limit
-            token_type_ids = torch.zeros_like(reference, dtype=torch.long)
-        table = self.embeddings.position_embeddings
-        if isinstance(table, LearnedPositionEmbedding) and position_ids is None:
-            # the stock default slices a buffer of the table's length: name the limit rather than fail on a shape
-            past = kwargs.get("past_key_values")
-            last = reference.shape[-1] - 1 + (past.get_seq_length() if past is not None else 0)
-            table.check_positions(last)
-        if self.config.posenc["type"] != "learned" and position_ids is None:
-            # stock defaults come from a max_position_embeddings-long buffer; relative schemes are not bound by it
-            position_ids = default_position_ids(reference.shape[-1], kwargs.get("past_key_values"), reference.device)
+        return default_position_ids(reference.shape[-1], past_key_values, reference.device)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        inputs_embeds, past_key_values = kwargs.get("inputs_embeds"), kwargs.get("past_key_values")
+        # The stock defaults slice buffers max_position_embeddings long; the same values computed here are not bound
+        # by it (relative schemes, grown tables).
+        if position_ids is None:
+            position_ids = self.default_position_ids(input_ids, inputs_embeds, past_key_values)
+        if token_type_ids is None:
+            shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+            token_type_ids = torch.zeros(shape, dtype=torch.long, device=position_ids.device)
         if self.rotary_emb is not None:
             kwargs["position_embeddings"] = self.rotary_emb(self.embeddings.word_embeddings.weight, position_ids)
         return super().forward(

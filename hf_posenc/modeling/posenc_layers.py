@@ -89,10 +89,14 @@ class ZeroPositionEmbedding(nn.Module):
         return torch.zeros((), device=position_ids.device)
 
 
-def input_position_module(posenc: dict, dim: int, token_embedding: nn.Embedding) -> nn.Module | None:
-    """The module that embeds positions for an `embedding`-site scheme, or None for every other scheme."""
+def input_position_module(
+    posenc: dict, dim: int, token_embedding: nn.Embedding, padding_idx: int | None = None
+) -> nn.Module | None:
+    """The module that embeds positions for an `embedding`-site scheme, or None for every other scheme.
+
+    `padding_idx` keeps an architecture's reserved padding row (RoBERTa) in a learned table built anew."""
     if posenc["type"] == "learned":
-        return LearnedPositionEmbedding(posenc["num_positions"], dim)
+        return LearnedPositionEmbedding(posenc["num_positions"], dim, padding_idx=padding_idx)
     if posenc["type"] == "sinusoidal":
         return SinusoidalPositionEmbedding(dim, posenc["base"], token_embedding)
     if get_scheme(posenc["type"]).site == "embedding":
