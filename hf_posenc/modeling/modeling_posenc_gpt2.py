@@ -10,7 +10,6 @@ Sites on GPT-2:
 
 from collections.abc import Callable
 
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Attention,
@@ -22,7 +21,6 @@ from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Model,
     eager_attention_forward,
 )
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .configuration_posenc_gpt2 import PosencGPT2Config
 from .posenc_layers import (
@@ -35,6 +33,7 @@ from .posenc_layers import (
     input_position_module,
     refuse_bias_with_cross_attention,
     register_model_classes,
+    rotate_then_cache,
     score_bias_module,
     upgrade,
 )
@@ -71,13 +70,7 @@ class PosencGPT2Attention(GPT2Attention):
         query, key, value = self.c_attn(hidden_states).split(self.split_size, dim=2)
         shape = (*hidden_states.shape[:-1], -1, self.head_dim)
         query, key, value = (t.view(shape).transpose(1, 2) for t in (query, key, value))  # (B, H, T, D)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            key, value = cache.update(key, value, self.layer_idx)
+        query, key, value = rotate_then_cache(self, query, key, value, position_embeddings, past_key_values)
 
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
             attn_output, attn_weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)

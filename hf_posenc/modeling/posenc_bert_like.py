@@ -14,10 +14,8 @@ Sites:
 from collections.abc import Callable
 
 import torch
-from transformers.cache_utils import EncoderDecoderCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from .posenc_layers import (
     LearnedPositionEmbedding,
@@ -27,6 +25,7 @@ from .posenc_layers import (
     default_position_ids,
     input_position_module,
     refuse_bias_with_cross_attention,
+    rotate_then_cache,
     score_bias_module,
     upgrade,
 )
@@ -47,12 +46,7 @@ class RotatingSelfAttentionMixin:
         query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, D)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            cache = past_key_values
-            if isinstance(cache, EncoderDecoderCache):
-                cache = cache.self_attention_cache
-            key, value = cache.update(key, value, self.layer_idx)
+        query, key, value = rotate_then_cache(self, query, key, value, position_embeddings, past_key_values)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )

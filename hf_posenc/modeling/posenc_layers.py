@@ -22,12 +22,14 @@ import torch
 import transformers
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.cache_utils import EncoderDecoderCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import causal_mask_function, create_masks_for_generate, sdpa_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .posenc_schemes import (
@@ -159,6 +161,18 @@ class PosencRotaryEmbedding(nn.Module):
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings, past_key_values):
+    """RoPE on q and k (B, H, T, D), then the self-attention cache update: the order every rotary model keeps, so the
+    cache holds rotated keys. For attention modules of architectures without a rotary step of their own."""
+    query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+    if past_key_values is not None:
+        cache = past_key_values
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        key, value = cache.update(key, value, module.layer_idx)
+    return query, key, value
 
 
 class PositionFreeRotary(nn.Module):
