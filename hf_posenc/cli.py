@@ -24,13 +24,90 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"hf-posenc {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("schemes", help="list the positional schemes, their sites and the supported architectures")
+    compare = commands.add_parser(
+        "compare",
+        help="train one architecture with several schemes at length L, evaluate at L..16L (the main job)",
+        description="Train small models that differ only in their positional scheme, then measure perplexity "
+        "against length. Options override the YAML --config; any other field as key=value.",
+    )
+    compare.add_argument("--config", help="YAML file of CompareConfig fields (see configs/compare.yaml)")
+    compare.add_argument("--arch", help="architecture (gpt2, llama, mistral, qwen2, gpt_neox)")
+    compare.add_argument("--schemes", help="comma-separated schemes, e.g. learned,rope,alibi")
+    compare.add_argument("--train-length", type=int, help="training length L")
+    compare.add_argument("--data", help="'stdlib' (default), a text file, a folder of .txt files or a datasets name")
+    compare.add_argument("--steps", type=int, help="training steps per scheme")
+    compare.add_argument("--out", help="output folder (results.md, results.json, ppl_vs_length.png)")
+    compare.add_argument("overrides", nargs="*", help="more CompareConfig fields as key=value")
+    evaluate = commands.add_parser(
+        "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
+    )
+    evaluate.add_argument("model", help="folder of a saved model (or a Hub name, where the Hub is reachable)")
+    evaluate.add_argument("--lengths", default="64,128,256,512,1024", help="comma-separated window lengths")
+    evaluate.add_argument("--data", help="'stdlib' (default), a text file, a folder of .txt files or a datasets name")
+    evaluate.add_argument("--stride", type=int, help="sliding window: score the last STRIDE tokens of each window")
+    evaluate.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (0: all)")
+    evaluate.add_argument("--tokenizer", help="'bytes', a tokenizer path/name; default: the model folder's, else bytes")
+    evaluate.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "schemes":
         print(_schemes())
         return 0
+    if args.command == "compare":
+        return _compare(args)
     parser.print_help()
+    return 0
+
+
+def _compare(args) -> int:
+    from .workflow.compare import CompareConfig, run_compare, write_outputs
+    from .workflow.config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    for key in ("arch", "train_length", "data", "steps", "out"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.schemes is not None:
+        overrides["schemes"] = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    try:
+        config = load_config(CompareConfig, args.config, overrides)
+    except ValueError as error:
+        print(f"hf-posenc compare: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"hf-posenc compare: {config.arch}, schemes {config.schemes}, L={config.train_length}, "
+        f"{config.steps} steps, evaluated at {config.eval_lengths}"
+    )
+    results = run_compare(config)
+    paths = write_outputs(results, config.out)
+    print(paths["table"].read_text())
+    print("\n".join(f"wrote {path}" for path in paths.values()))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _eval(args) -> int:
+    from .workflow.evaluate_lengths import evaluate_lengths, markdown, write
+
+    try:
+        lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    except ValueError:
+        print(f"hf-posenc eval: --lengths must be comma-separated integers, got {args.lengths!r}", file=sys.stderr)
+        return 2
+    results = evaluate_lengths(
+        args.model,
+        lengths,
+        data=args.data,
+        stride=args.stride,
+        max_tokens=args.max_tokens or None,
+        tokenizer=args.tokenizer,
+    )
+    print(f"{args.model} (posenc={results['posenc']}), stride={args.stride}")
+    print(markdown(results))
+    if (path := write(results, args.out)) is not None:
+        print(f"wrote {path}")
+    return 0
