@@ -38,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--steps", type=int, help="training steps per scheme")
     compare.add_argument("--out", help="output folder (results.md, results.json, ppl_vs_length.png)")
     compare.add_argument("overrides", nargs="*", help="more CompareConfig fields as key=value")
+    train = commands.add_parser(
+        "train",
+        help="pre-train or fine-tune a posenc model with transformers' Trainer, from YAML plus key=value overrides",
+    )
+    train.add_argument("--config", help="YAML file of TrainConfig fields (see configs/train_*.yaml)")
+    train.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value, e.g. posenc=rope steps=100")
     evaluate = commands.add_parser(
         "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
     )
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "eval":
         return _eval(args)
+    if args.command == "train":
+        return _train(args)
     if args.command == "schemes":
         print(_schemes())
         return 0
@@ -86,10 +94,6 @@ def _compare(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _eval(args) -> int:
     from .workflow.evaluate_lengths import evaluate_lengths, markdown, write
 
@@ -111,3 +115,23 @@ def _eval(args) -> int:
     if (path := write(results, args.out)) is not None:
         print(f"wrote {path}")
     return 0
+
+
+def _train(args) -> int:
+    from .workflow.config import load_config, parse_overrides
+    from .workflow.train import TrainConfig, run_train
+
+    try:
+        config = load_config(TrainConfig, args.config, parse_overrides(args.overrides))
+    except ValueError as error:
+        print(f"hf-posenc train: {error}", file=sys.stderr)
+        return 2
+    result = run_train(config)
+    print(
+        f"trained on {result['world_size']} process(es), mean loss {result['train_loss']:.3f}; wrote {result['final']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

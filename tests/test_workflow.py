@@ -15,6 +15,7 @@ from hf_posenc.workflow.compare import CompareConfig, run_compare, write_outputs
 from hf_posenc.workflow.config import load_config, parse_overrides
 from hf_posenc.workflow.data import ByteTokenizer, read_text, stdlib_text, train_validation_split
 from hf_posenc.workflow.evaluation import perplexity
+from hf_posenc.workflow.train import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = dict(steps=3, train_length=16, eval_multiples=[1, 2, 4], eval_tokens=256, layers=1, hidden_size=32, heads=2)
@@ -72,6 +73,8 @@ def test_config_files_all_validate():
     for path in files:
         if path.name.startswith("compare"):
             load_config(CompareConfig, path)
+        elif path.name.startswith("train"):
+            load_config(TrainConfig, path)
         else:
             raise AssertionError(f"{path.name}: no run config class for this file name")
 
@@ -149,3 +152,61 @@ def test_eval_cli_on_saved_posenc_and_stock_models(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "stock"), "--lengths", "32,128", "--data", str(text), "--stride", "16"]) == 0
     printed = capsys.readouterr().out
     assert "| 32 |" in printed and "past the model's position table (64 positions)" in printed
+
+
+TRAIN_TINY = ["steps=6", "layers=1", "hidden_size=32", "heads=2", "seq_length=32", "batch_size=4", "logging_steps=2"]
+
+
+def test_train_then_reload(tmp_path, capsys):
+    """`hf-posenc train` from a config file plus overrides writes a loadable posenc model."""
+    from transformers import AutoModelForCausalLM
+
+    config = CONFIGS / "train_gpt2_alibi.yaml"
+    assert main(["train", "--config", str(config), *TRAIN_TINY, f"output_dir={tmp_path}"]) == 0
+    assert "trained on 1 process(es)" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert model.config.posenc["type"] == "alibi"
+
+
+def test_train_converts_a_checkpoint_from_local_text(tmp_path):
+    """train with checkpoint= converts it (YaRN x4 keeps every weight) and reads local text through datasets."""
+    from transformers import AutoModelForCausalLM
+
+    stock = build("llama", "rope", config_overrides={"vocab_size": 256})
+    stock.save_pretrained(tmp_path / "stock")
+    (tmp_path / "text.txt").write_text("position is how a transformer knows word order.\n" * 100)
+    config = load_config(
+        TrainConfig,
+        CONFIGS / "train_convert_to_yarn.yaml",
+        parse_overrides([*TRAIN_TINY, f"checkpoint={tmp_path / 'stock'}", f"data={tmp_path / 'text.txt'}"])
+        | {"output_dir": str(tmp_path / "run")},
+    )
+    from hf_posenc.workflow.train import run_train
+
+    result = run_train(config)
+    tuned = AutoModelForCausalLM.from_pretrained(result["final"])
+    assert tuned.config.posenc["rope_type"] == "yarn" and tuned.config.rope_parameters["factor"] == 4.0
+    assert math.isfinite(result["train_loss"])
+
+
+@pytest.mark.parametrize(
+    ("launch", "processes"),
+    [(["--multi_gpu", "--num_processes", "2"], 2), (["--cpu", "--num_processes", "2"], 1)],
+    ids=["multi_cpu_gloo", "cpu_flag"],
+)
+def test_accelerate_launch_on_cpu(tmp_path, launch, processes):
+    """Under `accelerate launch` on a CPU-only machine, `--multi_gpu --num_processes 2` trains data-parallel on 2
+    processes (gloo); accelerate 1.x runs `--cpu --num_processes 2` as a single process, which must work too."""
+    import shutil
+    import subprocess
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU launch (gloo); a GPU machine would launch on its GPUs")
+    accelerate = shutil.which("accelerate") or pytest.fail("the accelerate command is not installed")
+    command = [accelerate, "launch", *launch, "--num_machines", "1", "--mixed_precision", "no"]
+    command += ["--dynamo_backend", "no", "-m", "hf_posenc.cli", "train", "--config"]
+    command += [str(CONFIGS / "train_gpt2_alibi.yaml"), *TRAIN_TINY, f"output_dir={tmp_path}"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"trained on {processes} process(es)" in done.stdout
+    assert (tmp_path / "final" / "model.safetensors").exists()
