@@ -44,6 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--config", help="YAML file of TrainConfig fields (see configs/train_*.yaml)")
     train.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value, e.g. posenc=rope steps=100")
+    push = commands.add_parser(
+        "push", help="build the Hub folder of a saved posenc model (weights, code, model card) and upload it"
+    )
+    push.add_argument("model", help="folder of a saved posenc model (e.g. runs/train/final)")
+    push.add_argument("--repo-id", required=True, help="the Hub repo, e.g. user/gpt2-alibi")
+    push.add_argument("--folder", help="where to build the repo folder (default: MODEL/../hub-REPO)")
+    push.add_argument("--eval", help="an `hf-posenc eval` JSON or a markdown table (e.g. compare's results.md)")
+    push.add_argument("--plot", help="a plot to show in the card (e.g. compare's ppl_vs_length.png)")
+    push.add_argument("--data", help="training data, for the card (default: what `hf-posenc train` recorded)")
+    push.add_argument("--train-length", type=int, help="training length, for the card")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--dry-run", action="store_true", help="build the folder, do not upload")
     evaluate = commands.add_parser(
         "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
     )
@@ -59,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         return _eval(args)
     if args.command == "train":
         return _train(args)
+    if args.command == "push":
+        return _push(args)
     if args.command == "schemes":
         print(_schemes())
         return 0
@@ -130,6 +144,29 @@ def _train(args) -> int:
     print(
         f"trained on {result['world_size']} process(es), mean loss {result['train_loss']:.3f}; wrote {result['final']}"
     )
+    return 0
+
+
+def _push(args) -> int:
+    from pathlib import Path
+
+    from .workflow.push import build_hub_folder, upload
+
+    folder = args.folder or Path(args.model).resolve().parent / f"hub-{args.repo_id.replace('/', '--')}"
+    try:
+        build_hub_folder(args.model, folder, args.repo_id, args.eval, args.plot, args.data, args.train_length)
+    except (ValueError, OSError) as error:
+        print(f"hf-posenc push: {error}", file=sys.stderr)
+        return 2
+    print(f"built {folder}")
+    if args.dry_run:
+        return 0
+    try:
+        url = upload(folder, args.repo_id, private=args.private)
+    except RuntimeError as error:
+        print(f"hf-posenc push: {error}", file=sys.stderr)
+        return 1
+    print(f"uploaded to {url}")
     return 0
 
 

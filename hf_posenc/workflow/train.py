@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ import torch
 
 from .compare import DECODERS, tiny_config
 from .data import STDLIB, ByteTokenizer, read_text
+from .push import TRAINING_RECORD
 
 logger = logging.getLogger(__name__)
 
@@ -123,5 +125,8 @@ def run_train(config: TrainConfig) -> dict:
     outcome = trainer.train()
     final = Path(config.output_dir) / "final"
     trainer.save_model(str(final))
+    if trainer.is_world_process_zero():  # what the model card needs to say how the model was trained
+        record = {"data": config.data, "seq_length": config.seq_length, "steps": config.steps, "posenc": config.posenc}
+        (final / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained on %d process(es); final model in %s", args.world_size, final)
     return {"final": final, "world_size": args.world_size, "train_loss": outcome.training_loss}
