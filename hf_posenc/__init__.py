@@ -9,7 +9,12 @@ Importing the package registers the `posenc_*` model types with transformers' Au
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+#: local path of the `evaluate` metric module: `evaluate.load(hf_posenc.PERPLEXITY_METRIC)` (no download)
+PERPLEXITY_METRIC = str(Path(__file__).parent / "metrics" / "perplexity_by_length")
 
 # the transformers releases this version is tested against; the internals it builds on change between minors
 TRANSFORMERS_RANGE = ("5.23", "5.24")
@@ -66,6 +71,7 @@ __all__ = [
     "AutoModelForQuestionAnswering",
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
+    "PERPLEXITY_METRIC",
     "PosencBertConfig",
     "PosencGPT2Config",
     "PosencGPTNeoXConfig",

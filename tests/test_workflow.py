@@ -210,3 +210,20 @@ def test_accelerate_launch_on_cpu(tmp_path, launch, processes):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"trained on {processes} process(es)" in done.stdout
     assert (tmp_path / "final" / "model.safetensors").exists()
+
+
+def test_evaluate_metric_module_from_local_path(tmp_path, monkeypatch):
+    """`evaluate.load(hf_posenc.PERPLEXITY_METRIC)` works offline and equals hf_posenc's own perplexity."""
+    import evaluate
+
+    import hf_posenc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = build("llama", "alibi", config_overrides={"vocab_size": 256})
+    model.save_pretrained(tmp_path / "model")
+    texts = ["the cat chased the dog.", "the dog chased the cat."] * 40
+    metric = evaluate.load(hf_posenc.PERPLEXITY_METRIC)
+    result = metric.compute(predictions=texts, model_id=str(tmp_path / "model"), lengths=[32, 128])
+    expected = perplexity(model, ByteTokenizer().encode("\n".join(texts)), 128)["ppl"]
+    assert math.isclose(result["perplexities"][128], expected, rel_tol=1e-5)
+    assert result["tokens"][32] > 0

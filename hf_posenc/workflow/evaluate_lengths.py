@@ -12,9 +12,13 @@ from .evaluation import perplexity
 
 
 def load_tokens(model_path: str, data: str | None, tokenizer: str | None) -> torch.Tensor:
-    """The evaluation text as ids: `tokenizer` ("bytes", a path or name), else the model folder's own tokenizer if it
-    has one, else bytes."""
-    text = read_text(data, split="test")
+    """The evaluation text of `data` as ids (see `tokenize`)."""
+    return tokenize(read_text(data, split="test"), model_path, tokenizer)
+
+
+def tokenize(text: bytes, model_path: str, tokenizer: str | None = None) -> torch.Tensor:
+    """`text` as ids: with `tokenizer` ("bytes", a path or name), else the model folder's own tokenizer if it has one,
+    else bytes."""
     if tokenizer in (None, "auto") and not (Path(model_path) / "tokenizer_config.json").exists():
         tokenizer = "bytes"
     if tokenizer == "bytes":
