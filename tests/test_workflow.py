@@ -169,7 +169,7 @@ def test_train_then_reload(tmp_path, capsys):
 
 
 def test_train_converts_a_checkpoint_from_local_text(tmp_path):
-    """train with checkpoint= converts it (YaRN x4 keeps every weight) and reads local text through datasets."""
+    """train with checkpoint= converts it (YaRN x4 keeps every weight) and trains on a local text file."""
     from transformers import AutoModelForCausalLM
 
     stock = build("llama", "rope", config_overrides={"vocab_size": 256})

@@ -52,23 +52,9 @@ class TrainConfig:
 
 
 def token_stream(config: TrainConfig) -> tuple[torch.Tensor, object | None]:
-    """The training text as ids, and the Hugging Face tokenizer used (None for bytes). Local files and folders go
-    through `datasets.load_dataset("text", ...)`, other names through `load_dataset(name)`."""
-    source = config.data
-    if source not in (None, STDLIB):
-        from datasets import load_dataset
-
-        path = Path(source)
-        if path.exists():
-            files = sorted(str(p) for p in path.rglob("*.txt")) if path.is_dir() else [str(path)]
-            if not files:
-                raise ValueError(f"data folder {source} holds no .txt files")
-            dataset = load_dataset("text", data_files=files, split="train", keep_linebreaks=True)
-            text = "".join(dataset["text"]).encode("utf-8")
-        else:
-            text = read_text(source)
-    else:
-        text = read_text(source)
+    """The training text (`read_text`: stdlib, local files, or a `datasets` name) as ids, and the Hugging Face
+    tokenizer used (None for bytes)."""
+    text = read_text(config.data)
     if config.tokenizer == "bytes":
         return ByteTokenizer().encode(text), None
     from transformers import AutoTokenizer
