@@ -25,8 +25,13 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import causal_mask_function, create_masks_for_generate, sdpa_mask
+from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.masking_utils import (
+    bidirectional_mask_function,
+    causal_mask_function,
+    create_masks_for_generate,
+    sdpa_mask,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -271,14 +276,25 @@ class ScoreBiasMask:
     """What the `posenc_*` mask function hands to the `posenc_*` attention function of the same name.
 
     Attributes:
-        mask: (B, 1, Q, K) bool, True where a query may attend a key (causal, padding, sliding window, packing).
+        mask: (B, 1, Q, K) bool, True where a query may attend a key (padding, sliding window, packing); None when
+            nothing but causality restricts attention (then no (Q, K) tensor exists at all).
+        causal: whether queries see only earlier keys (decoders) or every key (encoders).
         q_positions: (Q,) cache coordinates of the queries.
         kv_positions: (K,) cache coordinates of the keys.
     """
 
-    mask: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
     q_positions: torch.Tensor
     kv_positions: torch.Tensor
+
+    def block(self, rows: slice) -> torch.Tensor | None:
+        """The boolean mask of query rows `rows` (B or 1, 1, rows, K), built from positions when `mask` is None."""
+        if self.mask is not None:
+            return self.mask[:, :, rows]
+        if not self.causal:
+            return None
+        return (self.q_positions[rows, None] >= self.kv_positions[None, :])[None, None]
 
 
 def posenc_mask(
@@ -290,14 +306,18 @@ def posenc_mask(
     mask_function=causal_mask_function,
     attention_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
+    allow_is_causal_skip: bool = False,
+    allow_is_bidirectional_skip: bool = False,
     **kwargs,
 ) -> ScoreBiasMask:
-    """Mask function for `posenc_*`: transformers' boolean mask plus the cache coordinates of queries and keys.
+    """Mask function for `posenc_*`: transformers' boolean mask (or None where it may be skipped) plus the cache
+    coordinates of queries and keys.
 
     Only the mask function sees `q_offset`/`kv_offset` for every cache type, so the distances of a relative bias are
-    taken here, which keeps them right with a KV cache, left padding and sliding windows.
+    taken here, which keeps them right with a KV cache, left padding and sliding windows. transformers skips the mask
+    (None) only when causality alone restricts attention: no padding, no window in reach.
     """
-    for key in ("allow_is_causal_skip", "allow_is_bidirectional_skip", "dtype", "config"):
+    for key in ("dtype", "config"):
         kwargs.pop(key, None)
     mask = sdpa_mask(
         batch_size=batch_size,
@@ -307,17 +327,19 @@ def posenc_mask(
         kv_offset=kv_offset,
         mask_function=mask_function,
         attention_mask=attention_mask,
-        allow_is_causal_skip=False,
-        allow_is_bidirectional_skip=False,
+        allow_is_causal_skip=allow_is_causal_skip,
+        allow_is_bidirectional_skip=allow_is_bidirectional_skip,
         device=device,
         **kwargs,
     )
+    # create_causal_mask passes allow_is_causal_skip, create_bidirectional_mask allow_is_bidirectional_skip
+    causal = not allow_is_bidirectional_skip and mask_function is not bidirectional_mask_function
     q_positions = torch.arange(q_length, device=device) + q_offset
     kv_positions = torch.arange(kv_length, device=device) + kv_offset
-    return ScoreBiasMask(mask, q_positions, kv_positions)
+    return ScoreBiasMask(mask, causal, q_positions, kv_positions)
 
 
-def _mask_and_bias(module: nn.Module, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def _provider(module: nn.Module, attention_mask) -> nn.Module:
     provider = getattr(module, "posenc_bias", None)
     if provider is None:
         raise ValueError(
@@ -330,26 +352,84 @@ def _mask_and_bias(module: nn.Module, attention_mask) -> tuple[torch.Tensor, tor
             f"attention got a prepared {type(attention_mask).__name__} mask that bypasses them; pass a 2-D padding "
             "mask of shape (batch, length) instead of a 4-D one"
         )
-    bias = provider(attention_mask.q_positions, attention_mask.kv_positions)  # (H, Q, K) fp32
-    return attention_mask.mask, bias[None]
+    return provider
+
+
+#: bytes one query chunk's fp32 bias-and-mask block (B x H x chunk x K) may take in posenc_sdpa
+BIAS_BLOCK_BYTES = 64 * 2**20
+
+
+def _alibi_column_attention(module, query, key, value, provider, masks: ScoreBiasMask, scaling, dropout):
+    """Causal ALiBi on plain causal SDPA, no mask and no (Q, K) tensor: -m(i-j) equals m*j up to a per-row constant,
+    which softmax ignores, so one extra head-dim column (1 in q, m*j/scale in k, 0 in v) adds it exactly.
+
+    Exact in fp32 only (the column grows to m*K), so posenc_sdpa uses it for fp32 inputs without padding.
+    """
+    batch, heads, q_length, head_dim = query.shape
+    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    kv_positions = masks.kv_positions
+    if q_length > 1 and key.shape[2] > q_length:  # StaticCache prefill: the keys past the queries are not filled yet
+        key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[:q_length]
+    # positions counted from the first key keep the column small; a per-row shift changes nothing after softmax
+    column = provider.slopes(query.device)[:, None] * (kv_positions - kv_positions[0]).to(torch.float32) / scaling
+    pad = -(head_dim + 1) % 8  # keep the head dim a multiple of 8 for the fused kernels
+    query = nn.functional.pad(torch.cat([query, query.new_ones(batch, heads, q_length, 1)], -1), (0, pad))
+    key = nn.functional.pad(
+        torch.cat([key, column[None, :, :, None].expand(batch, -1, -1, 1).to(key.dtype)], -1), (0, pad)
+    )
+    value = nn.functional.pad(value, (0, pad + 1))
+    output = nn.functional.scaled_dot_product_attention(
+        query, key, value, dropout_p=dropout, scale=scaling, is_causal=q_length > 1
+    )
+    return output[..., :head_dim].transpose(1, 2).contiguous(), None
+
+
+def _chunked_bias_attention(module, query, key, value, provider, masks: ScoreBiasMask, scaling, dropout):
+    """SDPA with the bias, one block of query rows at a time: only a (B, H, chunk, K) bias exists, never (Q, K).
+
+    The bias is fp32 and so is each block's attention (inputs upcast), so a bf16 model keeps an exact bias.
+    """
+    batch, heads, q_length, _ = query.shape
+    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
+    compute = torch.float32
+    key32, value32 = key.to(compute), value.to(compute)
+    chunk = max(1, BIAS_BLOCK_BYTES // (4 * batch * heads * key.shape[2]))
+    outputs = []
+    for start in range(0, q_length, chunk):
+        rows = slice(start, start + chunk)
+        bias = provider(masks.q_positions[rows], masks.kv_positions)[None]  # (1, H, c, K) fp32
+        allowed = masks.block(rows)
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
+        block = nn.functional.scaled_dot_product_attention(
+            query[:, :, rows].to(compute), key32, value32, attn_mask=bias, dropout_p=dropout, scale=scaling
+        )
+        outputs.append(block.to(query.dtype))
+    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA with the scheme's bias, through transformers' own `sdpa_attention_forward(position_bias=...)`."""
-    mask, bias = _mask_and_bias(module, attention_mask)
-    return sdpa_attention_forward(
-        module, query, key, value, mask, dropout=dropout, scaling=scaling, position_bias=bias.to(query.dtype), **kwargs
-    )
+    """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact (causal, fp32, no
+    padding), query-chunked blocks everywhere else."""
+    provider = _provider(module, attention_mask)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    masks = attention_mask
+    if isinstance(provider, AlibiBias) and masks.mask is None and masks.causal and query.dtype == torch.float32:
+        return _alibi_column_attention(module, query, key, value, provider, masks, scaling, dropout)
+    return _chunked_bias_attention(module, query, key, value, provider, masks, scaling, dropout)
 
 
 def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Textbook attention with the bias; scores and softmax in float32. Returns the weights for output_attentions."""
-    mask, bias = _mask_and_bias(module, attention_mask)
+    """Textbook attention with the bias: the reference. Scores and softmax in float32; returns the weights."""
+    provider = _provider(module, attention_mask)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    bias = provider(attention_mask.q_positions, attention_mask.kv_positions)[None]  # (1, H, Q, K) fp32
     scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling + bias  # (B, H, Q, K) fp32
-    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    allowed = attention_mask.block(slice(None))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     weights = nn.functional.softmax(scores, dim=-1).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, Q, H, D)

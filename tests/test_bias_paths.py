@@ -1,0 +1,142 @@
+"""The score-bias attention paths against a float64 textbook formula, forward and backward, and their memory shape.
+
+posenc_sdpa picks the ALiBi column trick (causal, fp32, no padding) or query-chunked blocks (everything else); neither
+may ever ask for a bias of the full (Q, K) size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hf_posenc.modeling import posenc_layers
+from hf_posenc.modeling.posenc_layers import AlibiBias, ScoreBiasMask, T5RelativeBias, posenc_sdpa_attention
+
+
+class Attention(nn.Module):
+    """The attributes the attention functions read from a model's attention module."""
+
+    def __init__(self, provider):
+        super().__init__()
+        self.training = False
+        object.__setattr__(self, "posenc_bias", provider)
+
+
+def reference(query, key, value, provider, masks: ScoreBiasMask, scaling):
+    """Textbook attention in float64: softmax(q k^T * scale + bias, masked) v, heads repeated for GQA."""
+    groups = query.shape[1] // key.shape[1]
+    q, k, v = (t.double() for t in (query, key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)))
+    bias = provider(masks.q_positions, masks.kv_positions).double()[None]
+    scores = q @ k.transpose(-1, -2) * scaling + bias
+    allowed = masks.block(slice(None))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+def run(provider, masks, batch=2, heads=4, kv_heads=4, q_len=None, k_len=None, dtype=torch.float32, seed=0, spy=None):
+    """posenc_sdpa vs the fp64 reference; `spy` keeps only the bias blocks the attention itself asked for."""
+    generator = torch.Generator().manual_seed(seed)
+    q_len = q_len or len(masks.q_positions)
+    k_len = k_len or len(masks.kv_positions)
+    make = lambda *shape: torch.randn(*shape, generator=generator).to(dtype).requires_grad_()  # noqa: E731
+    query, key, value = (
+        make(batch, heads, q_len, 16),
+        make(batch, kv_heads, k_len, 16),
+        make(batch, kv_heads, k_len, 16),
+    )
+    out, _ = posenc_sdpa_attention(Attention(provider), query, key, value, masks, scaling=0.25)
+    asked = len(spy) if spy is not None else 0
+    expected = reference(query, key, value, provider, masks, 0.25)
+    if spy is not None:
+        del spy[asked:]
+    grads = torch.autograd.grad(out.float().square().sum(), (query, key, value))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    return out, expected, grads, expected_grads
+
+
+def causal(q_len, k_len, mask=None, causal=True):
+    return ScoreBiasMask(mask, causal, torch.arange(k_len - q_len, k_len), torch.arange(k_len))
+
+
+def assert_close(actual, expected, tolerance):
+    error = (actual.double() - expected.double()).abs().max() / expected.double().abs().max()
+    assert error < tolerance, f"relative error {error:.2e} >= {tolerance}"
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the (rows, keys) size of every bias block the providers are asked for."""
+    sizes = []
+    for cls in (AlibiBias, T5RelativeBias):
+        original = cls.forward
+
+        def recording(self, q_positions, kv_positions, _original=original):
+            sizes.append((len(q_positions), len(kv_positions)))
+            return _original(self, q_positions, kv_positions)
+
+        monkeypatch.setattr(cls, "forward", recording)
+    return sizes
+
+
+@pytest.mark.parametrize(("q_len", "k_len"), [(300, 300), (1, 300)], ids=["prefill", "decode"])
+def test_alibi_column_trick(spy, q_len, k_len):
+    """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all."""
+    out, expected, grads, expected_grads = run(AlibiBias(4), causal(q_len, k_len), kv_heads=2, spy=spy)
+    assert spy == []  # the column trick never builds a bias block
+    assert_close(out, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad, 1e-4)
+
+
+def test_alibi_column_trick_static_cache_prefill():
+    """A StaticCache prefill (keys past the queries not yet written) reads only the written keys."""
+    masks = ScoreBiasMask(None, True, torch.arange(40), torch.arange(64))
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 4, n, 16, generator=generator) for n in (40, 64, 64))
+    out, _ = posenc_sdpa_attention(Attention(AlibiBias(4)), query, key, value, masks, scaling=0.25)
+    written = ScoreBiasMask(None, True, torch.arange(40), torch.arange(40))
+    assert_close(out, reference(query, key[:, :, :40], value[:, :, :40], AlibiBias(4), written, 0.25), 1e-5)
+
+
+@pytest.mark.parametrize("provider", [AlibiBias(4, max_bias=4.0), T5RelativeBias(4, 16, 64, bidirectional=False)])
+def test_chunked_blocks_with_padding(spy, monkeypatch, provider):
+    """With padding the mask is kept; the bias comes in blocks of rows (here forced small) and matches fp64."""
+    monkeypatch.setattr(posenc_layers, "BIAS_BLOCK_BYTES", 2 * 4 * 4 * 300 * 20)  # 20 rows per block
+    padding = torch.ones(2, 1, 300, 300, dtype=torch.bool)
+    padding[0, :, :, 270:] = False  # right padding: every row keeps some key, so every output and gradient counts
+    causal_mask = torch.ones(300, 300, dtype=torch.bool).tril()
+    masks = ScoreBiasMask(padding & causal_mask, True, torch.arange(300), torch.arange(300))
+    out, expected, grads, expected_grads = run(provider, masks, kv_heads=2, spy=spy)
+    assert_close(out, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad, 1e-4)
+    assert max(rows for rows, _ in spy) == 20 and len(spy) == 15
+
+
+def test_bidirectional_without_mask(spy):
+    """Encoders without padding: no mask at all, symmetric ALiBi in blocks, equal to fp64."""
+    out, expected, _, _ = run(AlibiBias(4), causal(200, 200, causal=False), spy=spy)
+    assert_close(out, expected, 1e-5)
+    assert spy == [(200, 200)]  # one block: 2 x 4 x 200 x 200 fp32 fits the budget
+
+
+def test_bf16_keeps_an_fp32_bias():
+    """bf16 inputs: the bias and the blocks run in fp32, so the error is that of rounding the inputs to bf16 only."""
+    out, expected, _, _ = run(
+        AlibiBias(4), causal(512, 512, mask=torch.ones(1, 1, 512, 512, dtype=torch.bool).tril()), dtype=torch.bfloat16
+    )
+    assert out.dtype == torch.bfloat16
+    assert_close(out, expected, 2e-2)
+
+
+def test_long_sequences_never_build_a_full_bias(spy):
+    """At 4096 tokens with padding, the largest bias block requested is a fraction of (Q, K)."""
+    padding = torch.ones(1, 1, 4096, 4096, dtype=torch.bool).tril()
+    masks = ScoreBiasMask(padding, True, torch.arange(4096), torch.arange(4096))
+    query = torch.randn(1, 4, 4096, 16)
+    with torch.no_grad():
+        posenc_sdpa_attention(Attention(AlibiBias(4)), query, query, query, masks, scaling=0.25)
+    assert max(rows for rows, _ in spy) * 4096 * 4 * 4 <= posenc_layers.BIAS_BLOCK_BYTES
+    assert max(rows for rows, _ in spy) < 4096
