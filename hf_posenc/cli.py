@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--train-length", type=int, help="training length, for the card")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--dry-run", action="store_true", help="build the folder, do not upload")
+    bench = commands.add_parser(
+        "bench", help="time the score-bias attention paths against plain causal SDPA (ratios, peak memory, JSON)"
+    )
+    bench.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated sequence lengths")
+    bench.add_argument("--heads", type=int, default=12)
+    bench.add_argument("--head-dim", type=int, default=64)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--backward-max", type=int, default=4096, help="longest length timed with backward too")
+    bench.add_argument("--out", default="runs/bench.json")
     evaluate = commands.add_parser(
         "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
     )
@@ -73,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(args)
     if args.command == "push":
         return _push(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "schemes":
         print(_schemes())
         return 0
@@ -167,6 +178,16 @@ def _push(args) -> int:
         print(f"hf-posenc push: {error}", file=sys.stderr)
         return 1
     print(f"uploaded to {url}")
+    return 0
+
+
+def _bench(args) -> int:
+    from .workflow.bench import markdown, run_bench, write
+
+    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+    results = run_bench(lengths, args.heads, args.head_dim, repeats=args.repeats, backward_max=args.backward_max)
+    print(markdown(results))
+    print(f"wrote {write(results, args.out)}")
     return 0
 
 

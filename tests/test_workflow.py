@@ -227,3 +227,17 @@ def test_evaluate_metric_module_from_local_path(tmp_path, monkeypatch):
     expected = perplexity(model, ByteTokenizer().encode("\n".join(texts)), 128)["ppl"]
     assert math.isclose(result["perplexities"][128], expected, rel_tol=1e-5)
     assert result["tokens"][32] > 0
+
+
+def test_bench_cli(tmp_path, capsys):
+    """`hf-posenc bench` times every path against causal SDPA at each length and writes ratios as JSON."""
+    out = tmp_path / "bench.json"
+    assert (
+        main(["bench", "--lengths", "64,128", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--out", str(out)])
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["path"] for row in rows} >= {"causal SDPA (no bias)", "alibi: column trick", "alibi: chunked (padded)"}
+    base = [row for row in rows if row["path"].startswith("causal SDPA")]
+    assert all(row["forward_ratio"] == 1.0 for row in base) and all("forward_backward_ratio" in row for row in rows)
+    assert "| 128 | alibi: column trick |" in capsys.readouterr().out
