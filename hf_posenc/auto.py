@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from collections.abc import Mapping
 
@@ -21,8 +20,6 @@ from .modeling import (
     modeling_posenc_roberta,
 )
 from .modeling.posenc_schemes import PosencConfigMixin
-
-logger = logging.getLogger(__name__)
 
 #: stock model_type -> posenc config class. Adding an architecture is one entry here plus its two shipped files.
 ARCHITECTURES: dict[str, type] = {}

@@ -8,9 +8,6 @@ Sites on GPT-2:
 - score bias: one provider on the base model (`position_bias`), shared by every layer's attention.
 """
 
-from collections.abc import Callable
-
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.gpt2.modeling_gpt2 import (
     GPT2Attention,
     GPT2DoubleHeadsModel,
@@ -29,6 +26,7 @@ from .posenc_layers import (
     PosencRotaryEmbedding,
     ZeroPositionEmbedding,
     attach_score_bias,
+    attend,
     default_position_ids,
     input_position_module,
     refuse_bias_with_cross_attention,
@@ -75,18 +73,9 @@ class PosencGPT2Attention(GPT2Attention):
         if self.config._attn_implementation == "eager" and self.reorder_and_upcast_attn:
             attn_output, attn_weights = self._upcast_and_reordered_attn(query, key, value, attention_mask)
         else:
-            attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-                self.config._attn_implementation, eager_attention_forward
-            )
-            attn_output, attn_weights = attention_interface(
-                self,
-                query,
-                key,
-                value,
-                attention_mask,
-                dropout=self.attn_dropout.p if self.training else 0.0,
-                scaling=self.scaling,
-                **kwargs,
+            dropout = self.attn_dropout.p if self.training else 0.0
+            attn_output, attn_weights = attend(
+                self, query, key, value, attention_mask, dropout, eager_attention_forward, **kwargs
             )
         attn_output = attn_output.reshape(*attn_output.shape[:-2], -1).contiguous()
         return self.resid_dropout(self.c_proj(attn_output)), attn_weights

@@ -11,10 +11,7 @@ Sites:
   the symmetric form and T5's buckets are bidirectional; in decoder mode (`is_decoder=True`) they are causal.
 """
 
-from collections.abc import Callable
-
 import torch
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
 from .posenc_layers import (
@@ -22,6 +19,7 @@ from .posenc_layers import (
     PosencRotaryEmbedding,
     ZeroPositionEmbedding,
     attach_score_bias,
+    attend,
     default_position_ids,
     input_position_module,
     refuse_bias_with_cross_attention,
@@ -47,18 +45,9 @@ class RotatingSelfAttentionMixin:
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
         query, key, value = rotate_then_cache(self, query, key, value, position_embeddings, past_key_values)
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.dropout.p,
-            scaling=self.scaling,
-            **kwargs,
+        dropout = self.dropout.p if self.training else 0.0
+        attn_output, attn_weights = attend(
+            self, query, key, value, attention_mask, dropout, eager_attention_forward, **kwargs
         )
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
 

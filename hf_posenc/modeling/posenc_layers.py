@@ -33,7 +33,7 @@ from transformers.masking_utils import (
     sdpa_mask,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
@@ -178,6 +178,15 @@ def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings,
             cache = cache.self_attention_cache
         key, value = cache.update(key, value, module.layer_idx)
     return query, key, value
+
+
+def attend(module: nn.Module, query, key, value, attention_mask, dropout: float, eager_function, **kwargs):
+    """Run the model's configured attention implementation (falling back to the architecture's `eager_function`) on
+    (B, H, T, D) q/k/v: the call every attention module makes once its q, k and v are ready."""
+    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_function)
+    return attention_interface(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=module.scaling, **kwargs
+    )
 
 
 class PositionFreeRotary(nn.Module):

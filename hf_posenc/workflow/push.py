@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 TRAINING_RECORD = "hf_posenc_training.json"  # written next to a model by `hf-posenc train`
 
