@@ -19,6 +19,7 @@ from .modeling import (
     modeling_posenc_qwen2,
     modeling_posenc_roberta,
 )
+from .modeling.posenc_attention import STOCK_NAMES
 from .modeling.posenc_schemes import PosencConfigMixin
 
 #: stock model_type -> posenc config class. Adding an architecture is one entry here plus its two shipped files.
@@ -79,7 +80,9 @@ def with_posenc(config: PreTrainedConfig, posenc: str | Mapping) -> PreTrainedCo
         values["rope_parameters"] = _native_rope_parameters(config.posenc)
     new = ARCHITECTURES[base_type](**values, posenc=posenc)
     implementation = config._attn_implementation_internal  # not in to_dict; the model maps it for bias schemes
-    new._attn_implementation_internal = implementation.removeprefix("posenc_") if implementation else None
+    if implementation and implementation.startswith("posenc_"):  # back to the stock name the new scheme understands
+        implementation = STOCK_NAMES.get(implementation.removeprefix("posenc_"), implementation)
+    new._attn_implementation_internal = implementation
     return new
 
 

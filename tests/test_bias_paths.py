@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from hf_posenc.modeling import posenc_layers
-from hf_posenc.modeling.posenc_layers import AlibiBias, ScoreBiasMask, T5RelativeBias, posenc_sdpa_attention
+from hf_posenc.modeling import posenc_attention
+from hf_posenc.modeling.posenc_attention import AlibiBias, ScoreBiasMask, T5RelativeBias, posenc_sdpa_attention
 
 
 class Attention(nn.Module):
@@ -103,7 +103,7 @@ def test_alibi_column_trick_static_cache_prefill():
 @pytest.mark.parametrize("provider", [AlibiBias(4, max_bias=4.0), T5RelativeBias(4, 16, 64, bidirectional=False)])
 def test_chunked_blocks_with_padding(spy, monkeypatch, provider):
     """With padding the mask is kept; the bias comes in blocks of rows (here forced small) and matches fp64."""
-    monkeypatch.setattr(posenc_layers, "BIAS_BLOCK_BYTES", 2 * 4 * 4 * 300 * 20)  # 20 rows per block
+    monkeypatch.setattr(posenc_attention, "BIAS_BLOCK_BYTES", 2 * 4 * 4 * 300 * 20)  # 20 rows per block
     padding = torch.ones(2, 1, 300, 300, dtype=torch.bool)
     padding[0, :, :, 270:] = False  # right padding: every row keeps some key, so every output and gradient counts
     causal_mask = torch.ones(300, 300, dtype=torch.bool).tril()
@@ -138,5 +138,5 @@ def test_long_sequences_never_build_a_full_bias(spy):
     query = torch.randn(1, 4, 4096, 16)
     with torch.no_grad():
         posenc_sdpa_attention(Attention(AlibiBias(4)), query, query, query, masks, scaling=0.25)
-    assert max(rows for rows, _ in spy) * 4096 * 4 * 4 <= posenc_layers.BIAS_BLOCK_BYTES
+    assert max(rows for rows, _ in spy) * 4096 * 4 * 4 <= posenc_attention.BIAS_BLOCK_BYTES
     assert max(rows for rows, _ in spy) < 4096

@@ -1,5 +1,6 @@
 """Every bad input is refused with an error that names the bad value and what is allowed."""
 
+import importlib.util
 import re
 
 import pytest
@@ -92,11 +93,27 @@ def test_posenc_of_wrong_type(arch, spec):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
-@pytest.mark.parametrize("impl", ["flash_attention_2", "flex_attention", "paged|sdpa"])
+@pytest.mark.parametrize("impl", ["flash_attention_3", "paged|sdpa", "kernels-community/flash-attn2"])
 def test_bias_scheme_refuses_other_kernels(arch, scheme, impl):
-    """A score-bias scheme refuses a kernel that cannot add its bias, naming it and the allowed 'eager', 'sdpa'."""
-    with pytest.raises(ValueError, match=re.escape(f"attn_implementation={impl!r}") + r".*allowed: 'eager', 'sdpa'"):
+    """A score-bias scheme refuses a kernel that cannot add its bias, naming it and the kernels allowed."""
+    allowed = r".*allowed: 'sdpa', 'flex_attention', 'flash_attention_2', 'eager'"
+    with pytest.raises(ValueError, match=re.escape(f"attn_implementation={impl!r}") + allowed):
         AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme, attn_implementation=impl)
+
+
+@pytest.mark.parametrize("impl", ["posenc_fast", "posenc_flash_attention_2"])
+def test_unknown_posenc_kernel(impl):
+    """A misspelt posenc_ kernel names every posenc_ kernel there is."""
+    with pytest.raises(ValueError, match=f"unknown attn_implementation '{impl}'.*'posenc_auto', 'posenc_sdpa'"):
+        AutoModelForCausalLM.from_config(wide_config("llama"), posenc="alibi", attn_implementation=impl)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash-attn is installed")
+@pytest.mark.parametrize("impl", ["flash_attention_2", "posenc_flash"])
+def test_flash_needs_flash_attn(impl):
+    """Asking for the flash path without flash-attn fails at build time with transformers' own message."""
+    with pytest.raises(ImportError, match="FlashAttention2.*doesn't seem to be installed"):
+        AutoModelForCausalLM.from_config(wide_config("gpt2"), posenc="alibi", attn_implementation=impl)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -110,16 +127,19 @@ def test_bias_kernel_refused_without_bias(arch, scheme, impl):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
-@pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_bias_never_dropped(arch, scheme, impl):
-    """Asking a bias model for a stock kernel, at build time or later, maps it to the posenc_ kernel of that name."""
+@pytest.mark.parametrize(("impl", "kernel"), [("eager", "eager"), ("sdpa", "sdpa"), ("flex_attention", "flex")])
+def test_bias_never_dropped(arch, scheme, impl, kernel):
+    """Asking a bias model for a stock kernel, at build time or later, maps it to its posenc_ kernel; unset is auto."""
+    assert AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme).config._attn_implementation == (
+        "posenc_auto"
+    )
     model = AutoModelForCausalLM.from_config(wide_config(arch), posenc=scheme, attn_implementation=impl)
-    assert model.config._attn_implementation == f"posenc_{impl}"
+    assert model.config._attn_implementation == f"posenc_{kernel}"
     other = "sdpa" if impl == "eager" else "eager"
     model.set_attn_implementation(other)
     assert model.config._attn_implementation == f"posenc_{other}"
-    with pytest.raises(ValueError, match="allowed: 'eager', 'sdpa'"):
-        model.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match="allowed: 'sdpa', 'flex_attention'"):
+        model.set_attn_implementation("paged|sdpa")
     assert model.config._attn_implementation == f"posenc_{other}"
 
 

@@ -50,7 +50,14 @@ def test_dry_run_builds_the_repo_folder(trained, tmp_path, capsys):
         == 0
     )
     names = {p.name for p in out.iterdir()}
-    assert {"model.safetensors", "config.json", "README.md", "modeling_posenc_gpt2.py", "posenc_layers.py"} <= names
+    assert {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "modeling_posenc_gpt2.py",
+        "posenc_layers.py",
+        "posenc_attention.py",
+    } <= names
     config = json.loads((out / "config.json").read_text())
     assert config["posenc"]["rope_type"] == "yarn" and "AutoModelForCausalLM" in config["auto_map"]
     card = (out / "README.md").read_text()

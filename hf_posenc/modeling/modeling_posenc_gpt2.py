@@ -20,19 +20,17 @@ from transformers.models.gpt2.modeling_gpt2 import (
 )
 
 from .configuration_posenc_gpt2 import PosencGPT2Config
+from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
 from .posenc_layers import (
     LearnedPositionEmbedding,
     PosencPreTrainedMixin,
     PosencRotaryEmbedding,
     ZeroPositionEmbedding,
-    attach_score_bias,
     attend,
     default_position_ids,
     input_position_module,
-    refuse_bias_with_cross_attention,
     register_model_classes,
     rotate_then_cache,
-    score_bias_module,
     upgrade,
 )
 from .posenc_schemes import get_scheme

@@ -14,17 +14,15 @@ Sites:
 import torch
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
+from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
 from .posenc_layers import (
     LearnedPositionEmbedding,
     PosencRotaryEmbedding,
     ZeroPositionEmbedding,
-    attach_score_bias,
     attend,
     default_position_ids,
     input_position_module,
-    refuse_bias_with_cross_attention,
     rotate_then_cache,
-    score_bias_module,
     upgrade,
 )
 from .posenc_schemes import get_scheme

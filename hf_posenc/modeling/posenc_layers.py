@@ -4,8 +4,7 @@ Part of the `trust_remote_code` closure: imports only torch, transformers and si
 
 - input embedding: `LearnedPositionEmbedding`, `SinusoidalPositionEmbedding`, `ZeroPositionEmbedding`
 - q/k rotation: `PosencRotaryEmbedding` (transformers' `rope_parameters` and init functions), `PositionFreeRotary`
-- score bias: `AlibiBias`, `T5RelativeBias`, computed inside the attention functions registered here as
-  `posenc_eager` and `posenc_sdpa`, from the cache coordinates that the mask function of the same name passes on.
+- score bias: the providers and attention functions of `posenc_attention.py`, wired in by the adapters here.
 
 Shape legend: B batch, H heads, Q query length, K key/value length, D head dim, T sequence length.
 """
@@ -15,37 +14,23 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
-from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.dynamic_module_utils import get_relative_import_files
-from transformers.integrations.sdpa_attention import repeat_kv
-from transformers.masking_utils import (
-    bidirectional_mask_function,
-    causal_mask_function,
-    create_masks_for_generate,
-    sdpa_mask,
-)
+from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.utils import is_torch_flex_attn_available
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from .posenc_schemes import (
-    alibi_bias,
-    alibi_slopes,
-    get_scheme,
-    head_dim_of,
-    rotary_dim_of,
-    sinusoidal_position_embedding,
-    t5_relative_position_bucket,
-)
+from .posenc_attention import BIAS_KERNELS, STOCK_NAMES, attach_score_bias, score_bias_module
+from .posenc_schemes import get_scheme, head_dim_of, rotary_dim_of, sinusoidal_position_embedding
 
 # --------------------------------------------------------------------------------------------------------------------
 # Input-embedding site
@@ -206,253 +191,6 @@ class PositionFreeRotary(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Score-bias site
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class AlibiBias(nn.Module):
-    """ALiBi: `-slope_h * |i - j|` (Press et al., https://arxiv.org/abs/2108.12409). No parameters.
-
-    `slope_multiplier` scales every slope (for evaluating at lengths other than the training length).
-    """
-
-    def __init__(self, num_heads: int, max_bias: float = 8.0, slope_multiplier: float = 1.0):
-        super().__init__()
-        self.num_heads, self.max_bias, self.slope_multiplier = num_heads, max_bias, slope_multiplier
-        self._slopes = {}  # device -> (H,) float32; plain attribute, rebuilt on demand (never a meta buffer)
-
-    def slopes(self, device: torch.device) -> torch.Tensor:
-        if device not in self._slopes:
-            self._slopes[device] = (alibi_slopes(self.num_heads, self.max_bias) * self.slope_multiplier).to(device)
-        return self._slopes[device]
-
-    def forward(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
-        """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
-        return alibi_bias(self.slopes(q_positions.device), q_positions, kv_positions)
-
-    def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, max_bias={self.max_bias}, slope_multiplier={self.slope_multiplier}"
-
-
-class T5RelativeBias(nn.Module):
-    """T5's learned bias per (bucket of key - query, head), one table shared by all layers (Raffel et al., 2020)."""
-
-    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False):
-        super().__init__()
-        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
-        self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
-
-    def forward(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
-        """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
-        relative = kv_positions[None, :] - q_positions[:, None]  # (Q, K), memory minus query as in T5
-        buckets = t5_relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.relative_attention_bias(buckets).permute(2, 0, 1).float()
-
-    def extra_repr(self) -> str:
-        return f"num_buckets={self.num_buckets}, max_distance={self.max_distance}, bidirectional={self.bidirectional}"
-
-
-def score_bias_module(posenc: dict, num_heads: int, bidirectional: bool) -> nn.Module | None:
-    """The bias provider for a `bias`-site scheme, or None for every other scheme."""
-    if posenc["type"] == "alibi":
-        return AlibiBias(num_heads, posenc["max_bias"], posenc["slope_multiplier"])
-    if posenc["type"] == "t5_bias":
-        return T5RelativeBias(num_heads, posenc["num_buckets"], posenc["max_distance"], bidirectional)
-    if get_scheme(posenc["type"]).site == "bias":
-        raise NotImplementedError(f"no score-bias module for posenc {posenc['type']!r}")
-    return None
-
-
-def refuse_bias_with_cross_attention(config) -> None:
-    """Cross-attention layers take the same attention implementation but carry no position bias: refuse the pair."""
-    if getattr(config, "add_cross_attention", False) and get_scheme(config.posenc["type"]).site == "bias":
-        raise ValueError(
-            f"posenc {config.posenc['type']!r} is a self-attention bias and cross-attention cannot take it; with "
-            "add_cross_attention=True use learned, sinusoidal, rope or nope"
-        )
-
-
-def attach_score_bias(owner: nn.Module, attention_modules, provider: nn.Module | None) -> None:
-    """Register `provider` once on `owner` (its weights are saved there) and point every attention module at it."""
-    owner.position_bias = provider
-    for attention in attention_modules:
-        # a reference, not a submodule: one table shared by all layers, saved once
-        object.__setattr__(attention, "posenc_bias", provider)
-
-
-@dataclass
-class ScoreBiasMask:
-    """What the `posenc_*` mask function hands to the `posenc_*` attention function of the same name.
-
-    Attributes:
-        mask: (B, 1, Q, K) bool, True where a query may attend a key (padding, sliding window, packing); None when
-            nothing but causality restricts attention (then no (Q, K) tensor exists at all).
-        causal: whether queries see only earlier keys (decoders) or every key (encoders).
-        q_positions: (Q,) cache coordinates of the queries.
-        kv_positions: (K,) cache coordinates of the keys.
-    """
-
-    mask: torch.Tensor | None
-    causal: bool
-    q_positions: torch.Tensor
-    kv_positions: torch.Tensor
-
-    def block(self, rows: slice) -> torch.Tensor | None:
-        """The boolean mask of query rows `rows` (B or 1, 1, rows, K), built from positions when `mask` is None."""
-        if self.mask is not None:
-            return self.mask[:, :, rows]
-        if not self.causal:
-            return None
-        return (self.q_positions[rows, None] >= self.kv_positions[None, :])[None, None]
-
-
-def posenc_mask(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset: int = 0,
-    kv_offset: int = 0,
-    mask_function=causal_mask_function,
-    attention_mask: torch.Tensor | None = None,
-    device: torch.device | str = "cpu",
-    allow_is_causal_skip: bool = False,
-    allow_is_bidirectional_skip: bool = False,
-    **kwargs,
-) -> ScoreBiasMask:
-    """Mask function for `posenc_*`: transformers' boolean mask (or None where it may be skipped) plus the cache
-    coordinates of queries and keys.
-
-    Only the mask function sees `q_offset`/`kv_offset` for every cache type, so the distances of a relative bias are
-    taken here, which keeps them right with a KV cache, left padding and sliding windows. transformers skips the mask
-    (None) only when causality alone restricts attention: no padding, no window in reach.
-    """
-    for key in ("dtype", "config"):
-        kwargs.pop(key, None)
-    mask = sdpa_mask(
-        batch_size=batch_size,
-        q_length=q_length,
-        kv_length=kv_length,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        mask_function=mask_function,
-        attention_mask=attention_mask,
-        allow_is_causal_skip=allow_is_causal_skip,
-        allow_is_bidirectional_skip=allow_is_bidirectional_skip,
-        device=device,
-        **kwargs,
-    )
-    # create_causal_mask passes allow_is_causal_skip, create_bidirectional_mask allow_is_bidirectional_skip
-    causal = not allow_is_bidirectional_skip and mask_function is not bidirectional_mask_function
-    q_positions = torch.arange(q_length, device=device) + q_offset
-    kv_positions = torch.arange(kv_length, device=device) + kv_offset
-    return ScoreBiasMask(mask, causal, q_positions, kv_positions)
-
-
-def _provider(module: nn.Module, attention_mask) -> nn.Module:
-    provider = getattr(module, "posenc_bias", None)
-    if provider is None:
-        raise ValueError(
-            f"attn_implementation {module.config._attn_implementation!r} is for score-bias schemes (alibi, t5_bias); "
-            f"this model's posenc is {module.config.posenc['type']!r}"
-        )
-    if not isinstance(attention_mask, ScoreBiasMask):
-        raise ValueError(
-            f"posenc {module.config.posenc['type']!r} computes its bias from the positions of the cache, but the "
-            f"attention got a prepared {type(attention_mask).__name__} mask that bypasses them; pass a 2-D padding "
-            "mask of shape (batch, length) instead of a 4-D one"
-        )
-    return provider
-
-
-#: bytes one query chunk's fp32 bias-and-mask block (B x H x chunk x K) may take in posenc_sdpa
-BIAS_BLOCK_BYTES = 64 * 2**20
-
-
-def _alibi_column_attention(module, query, key, value, provider, masks: ScoreBiasMask, scaling, dropout):
-    """Causal ALiBi on plain causal SDPA, no mask and no (Q, K) tensor: -m(i-j) equals m*j up to a per-row constant,
-    which softmax ignores, so one extra head-dim column (1 in q, m*j/scale in k, 0 in v) adds it exactly.
-
-    Exact in fp32 only (the column grows to m*K), so posenc_sdpa uses it for fp32 inputs without padding.
-    """
-    batch, heads, q_length, head_dim = query.shape
-    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
-    kv_positions = masks.kv_positions
-    if q_length > 1 and key.shape[2] > q_length:  # StaticCache prefill: the keys past the queries are not filled yet
-        key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[:q_length]
-    # positions counted from the first key keep the column small; a per-row shift changes nothing after softmax
-    column = provider.slopes(query.device)[:, None] * (kv_positions - kv_positions[0]).to(torch.float32) / scaling
-    pad = -(head_dim + 1) % 8  # keep the head dim a multiple of 8 for the fused kernels
-    query = nn.functional.pad(torch.cat([query, query.new_ones(batch, heads, q_length, 1)], -1), (0, pad))
-    key = nn.functional.pad(
-        torch.cat([key, column[None, :, :, None].expand(batch, -1, -1, 1).to(key.dtype)], -1), (0, pad)
-    )
-    value = nn.functional.pad(value, (0, pad + 1))
-    output = nn.functional.scaled_dot_product_attention(
-        query, key, value, dropout_p=dropout, scale=scaling, is_causal=q_length > 1
-    )
-    return output[..., :head_dim].transpose(1, 2).contiguous(), None
-
-
-def _chunked_bias_attention(module, query, key, value, provider, masks: ScoreBiasMask, scaling, dropout):
-    """SDPA with the bias, one block of query rows at a time: only a (B, H, chunk, K) bias exists, never (Q, K).
-
-    The bias is fp32 and so is each block's attention (inputs upcast), so a bf16 model keeps an exact bias.
-    """
-    batch, heads, q_length, _ = query.shape
-    key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
-    compute = torch.float32
-    key32, value32 = key.to(compute), value.to(compute)
-    chunk = max(1, BIAS_BLOCK_BYTES // (4 * batch * heads * key.shape[2]))
-    outputs = []
-    for start in range(0, q_length, chunk):
-        rows = slice(start, start + chunk)
-        bias = provider(masks.q_positions[rows], masks.kv_positions)[None]  # (1, H, c, K) fp32
-        allowed = masks.block(rows)
-        if allowed is not None:
-            bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
-        block = nn.functional.scaled_dot_product_attention(
-            query[:, :, rows].to(compute), key32, value32, attn_mask=bias, dropout_p=dropout, scale=scaling
-        )
-        outputs.append(block.to(query.dtype))
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact (causal, fp32, no
-    padding), query-chunked blocks everywhere else."""
-    provider = _provider(module, attention_mask)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    masks = attention_mask
-    if isinstance(provider, AlibiBias) and masks.mask is None and masks.causal and query.dtype == torch.float32:
-        return _alibi_column_attention(module, query, key, value, provider, masks, scaling, dropout)
-    return _chunked_bias_attention(module, query, key, value, provider, masks, scaling, dropout)
-
-
-def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Textbook attention with the bias: the reference. Scores and softmax in float32; returns the weights."""
-    provider = _provider(module, attention_mask)
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    bias = provider(attention_mask.q_positions, attention_mask.kv_positions)[None]  # (1, H, Q, K) fp32
-    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling + bias  # (B, H, Q, K) fp32
-    allowed = attention_mask.block(slice(None))
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    weights = nn.functional.softmax(scores, dim=-1).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, Q, H, D)
-    return output, weights
-
-
-# One name per kernel, registered for both the attention and the mask interface: a name known only to the attention
-# interface would make mask preparation exit early and drop the padding mask.
-BIAS_KERNELS = {"eager": posenc_eager_attention, "sdpa": posenc_sdpa_attention}
-for _kernel, _function in BIAS_KERNELS.items():
-    AttentionInterface.register(f"posenc_{_kernel}", _function)
-    AttentionMaskInterface.register(f"posenc_{_kernel}", posenc_mask)
-
-# --------------------------------------------------------------------------------------------------------------------
 # The model side shared by every architecture
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -520,8 +258,9 @@ def upgrade(module: nn.Module, cls: type) -> nn.Module:
 class PosencPreTrainedMixin:
     """Behaviour shared by every posenc model class (base models and heads), placed before the stock class in the MRO.
 
-    - score-bias schemes run on the `posenc_eager`/`posenc_sdpa` attention functions; a request for `eager` or
-      `sdpa` maps onto them and anything else is refused, so the bias can never be silently dropped;
+    - score-bias schemes run on the `posenc_*` attention functions (`posenc_auto` unless one is asked for); a request
+      for a stock kernel maps onto its posenc form (`STOCK_NAMES`) and anything else is refused, so the bias can never
+      be silently dropped;
     - `save_pretrained` writes the code closure beside config.json for every class, heads without an Auto class too.
     """
 
@@ -551,16 +290,30 @@ class PosencPreTrainedMixin:
                     f"attn_implementation {attn_implementation!r} is for score-bias schemes (alibi, t5_bias); this "
                     f"model's posenc is {scheme!r}: use 'eager', 'sdpa', 'flex_attention' or a flash kernel"
                 )
-            attn_implementation = attn_implementation.removeprefix("posenc_")
+            kernel = attn_implementation.removeprefix("posenc_")
+            if kernel not in BIAS_KERNELS:
+                raise ValueError(
+                    f"unknown attn_implementation {attn_implementation!r}; allowed: "
+                    f"{', '.join(repr('posenc_' + k) for k in BIAS_KERNELS)}"
+                )
+            attn_implementation = STOCK_NAMES[kernel]
         if get_scheme(scheme).site != "bias":
             return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
-        if attn_implementation not in (None, *BIAS_KERNELS):
+        kernels = {stock: kernel for kernel, stock in STOCK_NAMES.items()}
+        if attn_implementation not in kernels:
             raise ValueError(
                 f"posenc {scheme!r} adds its bias inside attention, which attn_implementation="
-                f"{attn_implementation!r} cannot do; allowed: {', '.join(repr(k) for k in BIAS_KERNELS)} (or unset)"
+                f"{attn_implementation!r} cannot do; allowed: {', '.join(repr(k) for k in kernels if k)}, their "
+                f"'posenc_' forms, or unset (posenc_auto picks the path per call)"
             )
-        kernel = super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
-        return f"posenc_{kernel}"
+        if attn_implementation == "flex_attention":  # the posenc kernel is its own: only torch must have flex
+            if not is_torch_flex_attn_available():
+                raise ImportError(
+                    f"attn_implementation 'posenc_flex' needs flex_attention, which torch {torch.__version__} lacks"
+                )
+        else:  # transformers checks that the stock kernel is usable (flash-attn installed, sdpa supported)
+            super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
+        return f"posenc_{kernels[attn_implementation]}"
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
         """`generate` prepares masks in advance for compileable caches (StaticCache); a bias scheme keeps the 2-D mask

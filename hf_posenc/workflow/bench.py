@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modeling.posenc_layers import AlibiBias, ScoreBiasMask, posenc_eager_attention, posenc_sdpa_attention
+from ..modeling.posenc_attention import AlibiBias, ScoreBiasMask, posenc_eager_attention, posenc_sdpa_attention
 from .compare import PeakMemory, environment
 
 
