@@ -80,9 +80,12 @@ def spy(monkeypatch):
     return sizes
 
 
+@pytest.mark.parametrize("block_bytes", [posenc_attention.COLUMN_BLOCK_BYTES, 1], ids=["all-heads", "head-by-head"])
 @pytest.mark.parametrize(("q_len", "k_len"), [(300, 300), (1, 300)], ids=["prefill", "decode"])
-def test_alibi_column_trick(spy, q_len, k_len):
-    """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all."""
+def test_alibi_column_trick(spy, monkeypatch, q_len, k_len, block_bytes):
+    """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all;
+    with grouped keys, whether all heads run in one call or one key head per call."""
+    monkeypatch.setattr(posenc_attention, "COLUMN_BLOCK_BYTES", block_bytes)
     out, expected, grads, expected_grads = run(AlibiBias(4), causal(q_len, k_len), kv_heads=2, spy=spy)
     assert spy == []  # the column trick never builds a bias block
     assert_close(out, expected, 1e-5)

@@ -1,0 +1,264 @@
+"""The other score-bias paths (flex_attention, flash-attn, the per-call choice of posenc_auto) and the scoped flush of
+denormals, each against the float64 textbook formula of test_bias_paths."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from conftest import build, pad_aware_positions
+from test_bias_paths import Attention, assert_close, causal, reference
+from test_contract import tokens
+
+from hf_posenc.modeling import posenc_attention
+from hf_posenc.modeling.posenc_attention import (
+    AlibiBias,
+    DenormalFlush,
+    ScoreBiasMask,
+    T5RelativeBias,
+    choose_path,
+    denormal_flush,
+    posenc_flash_attention,
+    posenc_flex_attention,
+)
+
+# ------------------------------------------------------------------------------------------------------------------
+# flex_attention (CPU: inference only; uncompiled here except in one test, where the compile takes seconds)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """Uncompiled flex: the same score_mod and block mask, materialised scores (fine at these sizes)."""
+    monkeypatch.setattr(posenc_attention, "FLEX_COMPILE", False)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def inputs(batch, heads, kv_heads, q_len, k_len, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(batch, heads, q_len, 16, generator=generator),
+        torch.randn(batch, kv_heads, k_len, 16, generator=generator),
+        torch.randn(batch, kv_heads, k_len, 16, generator=generator),
+    )
+
+
+def padded_causal(length, pad):
+    mask = torch.ones(2, 1, length, length, dtype=torch.bool).tril()
+    mask[1, :, :, :pad] = False  # left padding of the second row
+    mask[1, :, :pad, :pad] |= torch.eye(pad, dtype=torch.bool)  # padded rows keep one key (the textbook has no NaN)
+    return ScoreBiasMask(mask, True, torch.arange(length), torch.arange(length))
+
+
+FLEX_CASES = {
+    "alibi-causal": (AlibiBias(4), causal(130, 130)),
+    "alibi-decode-offsets": (AlibiBias(4), causal(3, 150)),
+    "alibi-bidirectional": (AlibiBias(4), causal(140, 140, causal=False)),
+    "alibi-padded": (AlibiBias(4), padded_causal(130, 7)),
+    "t5-causal-offsets": (T5RelativeBias(4, 16, 64), causal(20, 150)),
+    "t5-bidirectional-padded": (T5RelativeBias(4, 16, 64, bidirectional=True), padded_causal(130, 9)),
+}
+
+
+@pytest.mark.parametrize("case", FLEX_CASES)
+def test_flex_matches_fp64(eager_flex, case):
+    """flex_attention with the relative-distance table as score_mod equals the fp64 formula, GQA and offsets too."""
+    provider, masks = FLEX_CASES[case]
+    if not masks.causal and masks.mask is not None:  # a bidirectional padded mask: padding only, both directions
+        masks = ScoreBiasMask(masks.mask | masks.mask.transpose(-1, -2), False, masks.q_positions, masks.kv_positions)
+    batch = 2 if masks.mask is not None else 1
+    query, key, value = inputs(batch, 4, 2, len(masks.q_positions), len(masks.kv_positions))
+    with torch.no_grad():
+        out, weights = posenc_flex_attention(Attention(provider), query, key, value, masks, scaling=0.25)
+    assert weights is None and out.shape == (batch, len(masks.q_positions), 4, 16)
+    assert_close(out, reference(query, key, value, provider, masks, 0.25), 1e-5)
+
+
+def test_flex_compiled_matches_fp64():
+    """The compiled flex kernel (what posenc_flex runs) on the CPU, inference."""
+    provider, masks = AlibiBias(4), causal(256, 256)
+    query, key, value = inputs(1, 4, 4, 256, 256)
+    with torch.no_grad():
+        out, _ = posenc_flex_attention(Attention(provider), query, key, value, masks, scaling=0.25)
+    assert_close(out, reference(query, key, value, provider, masks, 0.25), 1e-5)
+
+
+def test_flex_refuses_cpu_training():
+    """torch has no flex backward on the CPU: training there is refused with what to use instead."""
+    query, key, value = (t.requires_grad_() for t in inputs(1, 4, 4, 8, 8))
+    with pytest.raises(ValueError, match="cannot train on the CPU.*posenc_sdpa"):
+        posenc_flex_attention(Attention(AlibiBias(4)), query, key, value, causal(8, 8))
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_flex_model_generate_matches_eager(eager_flex, scheme):
+    """A whole model on posenc_flex: left-padded cached generation gives the eager model's tokens and logits."""
+    results = []
+    for implementation in ("eager", "flex_attention"):
+        model = build("llama", scheme, attn_implementation=implementation)
+        assert model.config._attn_implementation == f"posenc_{implementation.removesuffix('_attention')}"
+        model.generation_config.eos_token_id, model.generation_config.pad_token_id = None, 0
+        x, mask = tokens(), torch.ones(2, tokens().shape[1], dtype=torch.long)
+        x[1, :4], mask[1, :4] = 0, 0
+        with torch.no_grad():
+            out = model.generate(
+                x,
+                attention_mask=mask,
+                max_new_tokens=5,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            full = model(x, attention_mask=mask, position_ids=pad_aware_positions(mask)).logits
+        results.append((out.sequences, torch.stack(out.logits), full[mask.bool()]))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][2], results[1][2], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# flash-attn: no GPU in CI, so the call is checked against a stand-in with flash_attn_func's documented contract
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def documented_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, alibi_slopes=None):
+    """flash_attn_func as documented: (B, S, H, D) inputs, bias -slope * |i + K - Q - j|, causal aligned to the
+    bottom-right, fewer key heads than query heads allowed."""
+    batch, q_len, heads, _ = q.shape
+    k_len, groups = k.shape[1], heads // k.shape[2]
+    q, k, v = (t.double().transpose(1, 2) for t in (q, k.repeat_interleave(groups, 2), v.repeat_interleave(groups, 2)))
+    i = torch.arange(q_len)[:, None] + k_len - q_len
+    j = torch.arange(k_len)[None, :]
+    scores = q @ k.transpose(-1, -2) * softmax_scale - alibi_slopes.double()[:, None, None] * (i - j).abs()
+    if causal:
+        scores = scores.masked_fill(j > i, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2).float()
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "is_causal"), [(50, 50, True), (1, 50, True), (40, 40, False)])
+def test_flash_call_follows_flash_attn_contract(monkeypatch, q_len, k_len, is_causal):
+    """posenc_flash hands flash_attn_func the layout, scale, causality and slopes that reproduce the fp64 formula."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=documented_flash_attn_func))
+    monkeypatch.setattr(posenc_attention, "flash_applies", lambda query, provider, masks: True)
+    provider, masks = AlibiBias(4), causal(q_len, k_len, causal=is_causal)
+    query, key, value = inputs(1, 4, 2, q_len, k_len)
+    out, _ = posenc_flash_attention(Attention(provider), query, key, value, masks, scaling=0.25)
+    assert_close(out, reference(query, key, value, provider, masks, 0.25), 1e-6)
+
+
+def test_flash_refuses_what_it_cannot_compute():
+    """On the CPU, or with padding, or for T5, posenc_flash says what it needs and what to use instead."""
+    module = Attention(AlibiBias(4))
+    module.config = types.SimpleNamespace(posenc={"type": "alibi"})
+    query, key, value = inputs(1, 4, 4, 8, 8)
+    with pytest.raises(ValueError, match="ALiBi on CUDA in fp16/bf16.*got posenc 'alibi', cpu torch.float32"):
+        posenc_flash_attention(module, query, key, value, causal(8, 8))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# posenc_auto
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def fake_query(device, dtype=torch.bfloat16, q_len=64):
+    return types.SimpleNamespace(device=torch.device(device), dtype=dtype, shape=(1, 4, q_len, 16))
+
+
+@pytest.mark.parametrize(
+    ("device", "provider", "masks", "dropout", "flash", "q_len", "path"),
+    [
+        ("cpu", AlibiBias(4), causal(64, 64), 0.0, True, 64, "sdpa"),
+        ("cuda", AlibiBias(4), causal(64, 64), 0.0, True, 64, "flash"),
+        ("cuda", AlibiBias(4), causal(64, 64), 0.1, True, 64, "flash"),
+        ("cuda", AlibiBias(4), causal(64, 64), 0.0, False, 64, "flex"),
+        ("cuda", T5RelativeBias(4), causal(64, 64), 0.0, True, 64, "flex"),
+        ("cuda", AlibiBias(4), padded_causal(64, 3), 0.0, True, 64, "flex"),
+        ("cuda", AlibiBias(4), causal(64, 64), 0.1, False, 64, "sdpa"),
+        ("cuda", T5RelativeBias(4), causal(1, 64), 0.0, True, 1, "sdpa"),
+        ("cuda", AlibiBias(4), ScoreBiasMask(None, True, torch.arange(64), torch.arange(80)), 0.0, True, 64, "flex"),
+    ],
+    ids=[
+        "cpu",
+        "cuda-flash",
+        "cuda-flash-dropout",
+        "cuda-no-flash-attn",
+        "cuda-t5",
+        "cuda-padding",
+        "cuda-dropout-no-flash",
+        "cuda-decode-t5",
+        "cuda-static-cache-prefill",
+    ],
+)
+def test_auto_choice(device, provider, masks, dropout, flash, q_len, path):
+    """The per-call choice: flash where it computes ALiBi, flex for the rest of CUDA prefill, SDPA otherwise."""
+    assert choose_path(fake_query(device, q_len=q_len), provider, masks, dropout, flash) == path
+
+
+def test_auto_choice_fp32_cuda_skips_flash():
+    """flash-attn takes fp16/bf16 only: an fp32 CUDA model runs flex."""
+    assert choose_path(fake_query("cuda", torch.float32), AlibiBias(4), causal(64, 64), 0.0, True) == "flex"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Denormals
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def denormals_survive_everywhere() -> tuple[bool, bool]:
+    """(some thread keeps denormals, some thread flushes them), from one multiply spread over the OpenMP team."""
+    kept = (torch.full((1 << 20,), 1e-39) * 1.0) != 0
+    return bool(kept.any()), bool((~kept).any())
+
+
+class Recorder(torch.autograd.Function):
+    """Identity that records whether the calling thread flushes denormals, in forward and in backward."""
+
+    seen: list = []
+
+    @staticmethod
+    def forward(ctx, x):
+        Recorder.seen.append(("forward", DenormalFlush.flushing()))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        Recorder.seen.append(("backward", DenormalFlush.flushing()))
+        return grad
+
+
+def test_denormals_flushed_for_the_call_and_its_backward_only():
+    """Inside the call and inside its backward denormals are flushed; before and after, IEEE denormals are back."""
+    assert not DenormalFlush.flushing()
+    Recorder.seen = []
+    x = torch.randn(8, requires_grad=True)
+    y = denormal_flush.around(Recorder.apply, x)
+    assert not DenormalFlush.flushing()
+    y.sum().backward()
+    assert Recorder.seen == [("forward", True), ("backward", True)]
+    assert not DenormalFlush.flushing() and denormals_survive_everywhere() == (True, False)
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2 or not denormal_flush._resolve(), reason="needs an OpenMP team")
+def test_denormals_flushed_on_every_thread():
+    """torch.set_flush_denormal reaches the calling thread only; the flush reaches every thread of the team."""
+    token = denormal_flush.enter(torch.zeros(1))
+    try:
+        assert denormals_survive_everywhere() == (False, True)
+    finally:
+        denormal_flush.exit(token)
+    assert denormals_survive_everywhere() == (True, False)
+
+
+def test_denormal_flush_leaves_a_user_setting_alone(monkeypatch):
+    """A process that already flushes keeps flushing; disabled, the flush is never touched."""
+    torch.set_flush_denormal(True)
+    try:
+        assert denormal_flush.enter(torch.zeros(1)) is None
+    finally:
+        torch.set_flush_denormal(False)
+    monkeypatch.setattr(DenormalFlush, "enabled", False)
+    assert denormal_flush.enter(torch.zeros(1)) is None and not DenormalFlush.flushing()
