@@ -57,13 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--dry-run", action="store_true", help="build the folder, do not upload")
     bench = commands.add_parser(
-        "bench", help="time the score-bias attention paths against plain causal SDPA (ratios, peak memory, JSON)"
+        "bench",
+        help="what each scheme costs: attention paths vs causal SDPA, the rotary step vs transformers', whole models "
+        "vs NoPE and stock (ratios, peak memory, JSON)",
     )
-    bench.add_argument("--lengths", default="512,1024,2048,4096", help="comma-separated sequence lengths")
+    bench.add_argument("--lengths", default="512,1024,2048,4096,8192,16384", help="comma-separated sequence lengths")
     bench.add_argument("--heads", type=int, default=12)
     bench.add_argument("--head-dim", type=int, default=64)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--backward-max", type=int, default=4096, help="longest length timed with backward too")
+    bench.add_argument("--dense-max", type=int, default=4096, help="longest length for the dense (stock) ALiBi path")
+    bench.add_argument("--model-length", type=int, default=1024, help="sequence length of the models table")
+    bench.add_argument(
+        "--sections", default="attention,rotary,models", help="comma-separated subset of attention,rotary,models"
+    )
     bench.add_argument("--out", default="runs/bench.json")
     evaluate = commands.add_parser(
         "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
@@ -184,8 +191,23 @@ def _push(args) -> int:
 def _bench(args) -> int:
     from .workflow.bench import markdown, run_bench, write
 
-    lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
-    results = run_bench(lengths, args.heads, args.head_dim, repeats=args.repeats, backward_max=args.backward_max)
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = set(sections) - {"attention", "rotary", "models"}
+    if unknown:
+        print(
+            f"hf-posenc bench: unknown sections {sorted(unknown)}; allowed: attention, rotary, models", file=sys.stderr
+        )
+        return 2
+    results = run_bench(
+        [int(n) for n in args.lengths.split(",") if n.strip()],
+        args.heads,
+        args.head_dim,
+        repeats=args.repeats,
+        backward_max=args.backward_max,
+        dense_max=args.dense_max,
+        model_length=args.model_length,
+        sections=sections,
+    )
     print(markdown(results))
     print(f"wrote {write(results, args.out)}")
     return 0

@@ -247,3 +247,28 @@ def test_sinusoidal_any_shape():
     assert table.shape == (2, 3, 8)
     assert torch.equal(table[0, 0], torch.tensor([0.0, 1.0] * 4))
     assert math.isclose(table[0, 1, 0].item(), math.sin(1.0), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_apply_rope_equals_transformers(dtype, partial):
+    """The plugin's rotary step (GPT-2, BERT) equals transformers' apply_rotary_pos_emb, forward and backward, on
+    strided q/k as attention modules make them, per-row positions and padded partial-rotary tables."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    config = hf_posenc.with_posenc(
+        AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=64),
+        {"type": "rope", "partial_rotary_factor": partial},
+    )
+    positions = torch.stack([torch.arange(5, 45), torch.arange(40)])
+    query, key = (torch.randn(2, 40, 4, 16, dtype=torch.float64).transpose(1, 2).to(dtype) for _ in range(2))
+    cos, sin = PosencRotaryEmbedding(config)(query, positions)
+    ours = apply_rope(query.requires_grad_(), key.requires_grad_(), cos, sin)
+    grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(ours, (1.0, 2.0))), (query, key))
+    theirs = apply_rotary_pos_emb(query, key, cos, sin)
+    expected = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(theirs, (1.0, 2.0))), (query, key))
+    tolerance = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
+    for a, b in zip((*ours, *grads), (*theirs, *expected)):
+        torch.testing.assert_close(a, b, **tolerance)

@@ -229,15 +229,35 @@ def test_evaluate_metric_module_from_local_path(tmp_path, monkeypatch):
     assert result["tokens"][32] > 0
 
 
-def test_bench_cli(tmp_path, capsys):
-    """`hf-posenc bench` times every path against causal SDPA at each length and writes ratios as JSON."""
-    out = tmp_path / "bench.json"
-    assert (
-        main(["bench", "--lengths", "64,128", "--heads", "2", "--head-dim", "8", "--repeats", "1", "--out", str(out)])
-        == 0
+def test_bench_cli(tmp_path, capsys, monkeypatch):
+    """`hf-posenc bench` times every attention path against causal SDPA, the rotary step against transformers', and
+    whole models against NoPE and stock, and writes the ratios as JSON."""
+    from hf_posenc.workflow import bench
+
+    monkeypatch.setitem(bench.MODEL_SHAPES, "gpt2", dict(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=64))
+    monkeypatch.setitem(
+        bench.MODEL_SHAPES,
+        "llama",
+        dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=64),
     )
-    rows = json.loads(out.read_text())["rows"]
-    assert {row["path"] for row in rows} >= {"causal SDPA (no bias)", "alibi: column trick", "alibi: chunked (padded)"}
-    base = [row for row in rows if row["path"].startswith("causal SDPA")]
-    assert all(row["forward_ratio"] == 1.0 for row in base) and all("forward_backward_ratio" in row for row in rows)
-    assert "| 128 | alibi: column trick |" in capsys.readouterr().out
+    out = tmp_path / "bench.json"
+    command = ["bench", "--lengths", "64,128", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    assert main([*command, "--model-length", "32", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    rows = [row for row in results["attention"] if "flex" not in row["path"]]  # flex: CPU inference only
+    assert {row["path"] for row in rows} >= {bench.REFERENCE, "alibi: column trick", "alibi: chunked (padding mask)"}
+    assert all(row["forward_x_sdpa"] == 1.0 for row in rows if row["path"] == bench.REFERENCE)
+    assert all("forward_backward_x_sdpa" in row for row in rows)
+    assert {row["path"] for row in rows if "forward_x_stock" in row} >= {bench.STOCK_ALIBI, "alibi: column trick"}
+    assert {(row["length"], row["dtype"]) for row in results["rotary"]} == {
+        (n, d) for n in (64, 128) for d in ("float32", "bfloat16")
+    }
+    models = {(row["arch"], row["model"]): row for row in results["models"]}
+    assert (
+        models["gpt2", "posenc nope"]["speed_x_nope"] == 1.0
+        and models["llama", "stock llama (rope)"]["speed_x_stock"] == 1.0
+    )
+    assert models["gpt2", "posenc alibi"]["attn_implementation"] == "posenc_auto"
+    printed = capsys.readouterr().out
+    assert "| 128 | float32 | alibi: column trick |" in printed and "### Whole models" in printed
+    assert main(["bench", "--sections", "attention,speed"]) == 2

@@ -316,8 +316,8 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     column does not depend on the head, so grouped keys stay grouped.
 
     The extended copies exist for one group of heads at a time (at most `COLUMN_BLOCK_BYTES`, at least one key head),
-    and each group's output goes straight into the (B, Q, H, D) result. Exact in fp32 only (the column grows to m*K), so posenc_sdpa uses it for
-    fp32 inputs without padding.
+    and each group's output goes straight into the (B, Q, H, D) result. Exact in fp32 only (the column grows to m*K),
+    so posenc_sdpa uses it for fp32 inputs without padding.
     """
     batch, heads, q_length, head_dim = query.shape
     kv_heads = key.shape[1]

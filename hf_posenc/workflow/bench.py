@@ -1,12 +1,21 @@
-"""`hf-posenc bench`: the score-bias attention paths against plain causal SDPA, at the same shape, in one run.
+"""`hf-posenc bench`: what each position scheme costs, as ratios to a reference measured in the same run.
 
-Each path is timed on the same inputs: warm-up, then the median of repeats, forward and forward+backward, plus its peak
-memory growth (see `PeakMemory`). Ratios are to plain causal SDPA (no bias) measured in the same run: the numbers that
-mean something on a shared, noisy machine.
+Three tables, each path timed on the same inputs (warm-up, then the median of repeats):
+
+- attention: every score-bias path against plain causal SDPA (no bias) at each length: forward and forward+backward
+  seconds, tokens/s and peak memory growth (see `PeakMemory`), each as a ratio to causal SDPA, and to the stock
+  transformers way of adding ALiBi (BLOOM/MPT: a dense bias in eager attention) where that fits in memory;
+- rotary: the plugin's rotary step (GPT-2, BERT) against transformers' `apply_rotary_pos_emb` and the time to copy q
+  and k, in fp32 and bf16;
+- models: one training step of a whole model per scheme at one length: tokens/s, as a ratio to the same posenc model
+  with NoPE and to the stock transformers model (its native scheme).
+
+On a GPU the attention table adds the flex and flash paths (when flash-attn is installed) and bf16 inputs.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import statistics
@@ -15,9 +24,24 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from ..modeling.posenc_attention import AlibiBias, ScoreBiasMask, posenc_eager_attention, posenc_sdpa_attention
+from ..modeling.posenc_attention import (
+    AlibiBias,
+    ScoreBiasMask,
+    T5RelativeBias,
+    flash_attn_available,
+    posenc_eager_attention,
+    posenc_flash_attention,
+    posenc_flex_attention,
+    posenc_sdpa_attention,
+)
+from ..modeling.posenc_layers import apply_rope
 from .compare import PeakMemory, environment
+
+REFERENCE = "causal SDPA (no bias)"
+STOCK_ALIBI = "alibi: dense eager (BLOOM-style)"
 
 
 class _Attention(nn.Module):
@@ -27,85 +51,264 @@ class _Attention(nn.Module):
         object.__setattr__(self, "posenc_bias", provider)
 
 
-def paths(heads: int) -> dict:
-    """name -> f(query, key, value) for every path benchmarked; all compute causal attention over the same inputs."""
-    module = _Attention(AlibiBias(heads))
-
-    def masks(length, padded):
-        positions = torch.arange(length)
-        mask = torch.ones(1, 1, length, length, dtype=torch.bool).tril() if padded else None
-        return ScoreBiasMask(mask, True, positions, positions)
-
-    return {
-        "causal SDPA (no bias)": lambda q, k, v: nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "alibi: column trick": lambda q, k, v: posenc_sdpa_attention(module, q, k, v, masks(q.shape[2], False))[0],
-        "alibi: chunked (padded)": lambda q, k, v: posenc_sdpa_attention(module, q, k, v, masks(q.shape[2], True))[0],
-        "alibi: dense eager": lambda q, k, v: posenc_eager_attention(module, q, k, v, masks(q.shape[2], False))[0],
-    }
+def _masks(length: int, padded: bool, device) -> ScoreBiasMask:
+    positions = torch.arange(length, device=device)
+    mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=device).tril() if padded else None
+    return ScoreBiasMask(mask, True, positions, positions)
 
 
-def _forward_backward(function, q, k, v) -> None:
-    function(q, k, v).sum().backward()
+def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """name -> (f(query, key, value), trains): causal attention over the same inputs by every path measured here."""
+    alibi, t5 = _Attention(AlibiBias(heads)), _Attention(T5RelativeBias(heads).to(device))
+
+    def sdpa(q, k, v):
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def call(kernel, module, padded):
+        return lambda q, k, v: kernel(module, q, k, v, _masks(q.shape[2], padded, q.device))[0]
+
+    paths = {REFERENCE: (sdpa, True)}
+    if dtype == torch.float32:
+        paths["alibi: column trick"] = (call(posenc_sdpa_attention, alibi, False), True)
+    paths["alibi: chunked (padding mask)"] = (call(posenc_sdpa_attention, alibi, True), True)
+    paths["t5_bias: chunked"] = (call(posenc_sdpa_attention, t5, False), True)
+    paths[STOCK_ALIBI] = (call(posenc_eager_attention, alibi, False), True)
+    if device.type == "cuda" or dtype == torch.float32:  # compiled flex: CPU inference, GPU training
+        paths["alibi: flex (compiled)"] = (call(posenc_flex_attention, alibi, False), device.type == "cuda")
+    if device.type == "cuda" and dtype != torch.float32 and flash_attn_available():
+        paths["alibi: flash-attn alibi_slopes"] = (call(posenc_flash_attention, alibi, False), True)
+    return paths
 
 
-def time_call(function, repeats: int) -> float:
-    for _ in range(2):  # warm-up
+def time_call(function, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of `repeats` calls after `warmup` calls (synchronising a GPU)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
         function()
+    synchronize()
     seconds = []
     for _ in range(repeats):
         began = time.perf_counter()
         function()
+        synchronize()
         seconds.append(time.perf_counter() - began)
     return statistics.median(seconds)
 
 
+def _forward_backward(function, q, k, v) -> None:
+    function(q, k, v).float().sum().backward()
+
+
+def _ratios(rows: list[dict], reference: dict, keys, name: str) -> None:
+    for row in rows:
+        for key in keys:
+            if key in row and key in reference:
+                row[f"{key.removesuffix('_s')}_x_{name}"] = row[key] / reference[key]
+
+
+def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_max=4096, dense_max=4096, dtypes=None):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = dtypes or ([torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32])
+    rows = []
+    for dtype in dtypes:
+        for length in lengths:
+            generator = torch.Generator().manual_seed(0)
+            q, k, v = (
+                torch.randn(batch, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3)
+            )
+            block = []
+            for name, (function, trains) in attention_paths(heads, device, dtype).items():
+                if name == STOCK_ALIBI and length > dense_max:
+                    continue
+                row = {"path": name, "length": length, "dtype": str(dtype).removeprefix("torch.")}
+                warmup = 1 if length > 4096 else 2
+                with torch.no_grad(), PeakMemory(device) as memory:
+                    row["forward_s"] = time_call(functools.partial(function, q, k, v), repeats, warmup)
+                row["forward_peak_mib"] = memory.peak_bytes / 2**20
+                row["forward_tokens_per_s"] = batch * length / row["forward_s"]
+                if trains and length <= backward_max:
+                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                    step = functools.partial(_forward_backward, function, qg, kg, vg)
+                    row["forward_backward_s"] = time_call(step, repeats, warmup)
+                block.append(row)
+            _ratios(block, block[0], ("forward_s", "forward_backward_s", "forward_peak_mib"), "sdpa")
+            stock = next((row for row in block if row["path"] == STOCK_ALIBI), None)
+            if stock is not None:
+                _ratios([row for row in block if row["path"].startswith("alibi")], stock, ("forward_s",), "stock")
+            rows.extend(block)
+    return rows
+
+
+def _copy(*tensors):
+    return [t.clone() for t in tensors]
+
+
+def _train_step(model, tokens) -> None:
+    model(tokens, labels=tokens).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def run_rotary(lengths, heads=12, head_dim=64, batch=1, repeats=20) -> list[dict]:
+    """The plugin's rotary step vs transformers' apply_rotary_pos_emb vs copying q and k, on strided (B, H, S, D)
+    q and k as attention modules make them."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for length in lengths:
+            q, k = (torch.randn(batch, length, heads, head_dim).transpose(1, 2).to(dtype) for _ in range(2))
+            angles = torch.randn(batch, length, head_dim // 2)
+            angles = torch.cat((angles, angles), dim=-1)
+            tables = angles.cos().to(dtype), angles.sin().to(dtype)
+            with torch.no_grad():
+                copy = time_call(functools.partial(_copy, q, k), repeats)
+                ours = time_call(functools.partial(apply_rope, q, k, *tables), repeats)
+                theirs = time_call(functools.partial(apply_rotary_pos_emb, q, k, *tables), repeats)
+            rows.append(
+                dict(
+                    length=length,
+                    dtype=str(dtype).removeprefix("torch."),
+                    copy_s=copy,
+                    ours_s=ours,
+                    transformers_s=theirs,
+                    ours_x_copy=ours / copy,
+                    transformers_x_copy=theirs / copy,
+                    ours_x_transformers=ours / theirs,
+                )
+            )
+    return rows
+
+
+#: the model shapes of the models table (GPT-2 small's head shape, four layers)
+MODEL_SHAPES = {
+    "gpt2": dict(n_layer=4, n_embd=768, n_head=12, n_positions=1024, vocab_size=4096),
+    "llama": dict(
+        num_hidden_layers=4,
+        hidden_size=768,
+        num_attention_heads=12,
+        intermediate_size=2048,
+        vocab_size=4096,
+        max_position_embeddings=1024,
+    ),
+}
+NATIVE = {"gpt2": "learned", "llama": "rope"}
+
+
+def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "t5_bias", "rope"), repeats=3, batch=1):
+    """One AdamW-free training step (forward, backward, zero grads) per model: tokens/s and ratios to NoPE and to the
+    stock model. `length` must fit the stock model's table (its learned positions)."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for arch in archs:
+        config = AutoConfig.for_model(arch, **MODEL_SHAPES[arch])
+        tokens = torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+        tokens = tokens.to(device)
+        variants = {"stock": None, **{scheme: scheme for scheme in dict.fromkeys((NATIVE[arch], *schemes))}}
+        block = []
+        for scheme in variants.values():
+            torch.manual_seed(0)
+            kwargs = {} if scheme is None else {"posenc": scheme}
+            # a copy each: from_config records the attention implementation it chose on the config it is given
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs).to(device).train()
+            seconds = time_call(functools.partial(_train_step, model, tokens), repeats, warmup=1)
+            block.append(
+                dict(
+                    arch=arch,
+                    model=f"stock {arch} ({NATIVE[arch]})" if scheme is None else f"posenc {scheme}",
+                    length=length,
+                    attn_implementation=model.config._attn_implementation,
+                    train_step_s=seconds,
+                    train_tokens_per_s=batch * length / seconds,
+                )
+            )
+            del model
+        stock, nope = block[0], next(row for row in block if row["model"] == "posenc nope")
+        for row in block:
+            row["speed_x_nope"] = row["train_tokens_per_s"] / nope["train_tokens_per_s"]
+            row["speed_x_stock"] = row["train_tokens_per_s"] / stock["train_tokens_per_s"]
+        rows.extend(block)
+    return rows
+
+
 def run_bench(
-    lengths=(512, 1024, 2048, 4096), heads=12, head_dim=64, batch=1, repeats=3, backward_max=4096, dense_max=4096
+    lengths=(512, 1024, 2048, 4096, 8192, 16384),
+    heads=12,
+    head_dim=64,
+    batch=1,
+    repeats=3,
+    backward_max=4096,
+    dense_max=4096,
+    model_length=1024,
+    sections=("attention", "rotary", "models"),
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = {
-        "shape": dict(batch=batch, heads=heads, head_dim=head_dim),
-        "environment": environment(device),
-        "rows": [],
-    }
-    for length in lengths:
-        generator = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(device) for _ in range(3))
-        for name, function in paths(heads).items():
-            if "dense" in name and length > dense_max:
-                continue
-            row = {"path": name, "length": length}
-            with torch.no_grad(), PeakMemory(device) as memory:
-                row["forward_s"] = time_call(functools.partial(function, q, k, v), repeats)
-            row["forward_peak_mib"] = memory.peak_bytes / 2**20
-            if length <= backward_max:
-                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                row["forward_backward_s"] = time_call(
-                    functools.partial(_forward_backward, function, qg, kg, vg), repeats
-                )
-            results["rows"].append(row)
-        base = next(r for r in results["rows"] if r["length"] == length and r["path"].startswith("causal SDPA"))
-        for row in results["rows"]:
-            if row["length"] == length:
-                row["forward_ratio"] = row["forward_s"] / base["forward_s"]
-                if "forward_backward_s" in row and "forward_backward_s" in base:
-                    row["forward_backward_ratio"] = row["forward_backward_s"] / base["forward_backward_s"]
+    results = {"shape": dict(batch=batch, heads=heads, head_dim=head_dim), "environment": environment(device)}
+    if "attention" in sections:
+        results["attention"] = run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max)
+    if "rotary" in sections:
+        results["rotary"] = run_rotary([n for n in lengths if n <= 8192], heads, head_dim, batch)
+    if "models" in sections:
+        results["models"] = run_models(model_length, repeats=repeats)
     return results
 
 
+def _number(row: dict, key: str, digits: int = 2) -> str:
+    value = row.get(key)
+    return "-" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def markdown(results: dict) -> str:
-    lines = [
-        "| L | path | forward s | x causal SDPA | fwd+bwd s | x causal SDPA | forward peak MiB |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in results["rows"]:
-        fb = f"{row['forward_backward_s']:.4f}" if "forward_backward_s" in row else "-"
-        fbr = f"{row['forward_backward_ratio']:.2f}" if "forward_backward_ratio" in row else "-"
-        lines.append(
-            f"| {row['length']} | {row['path']} | {row['forward_s']:.4f} | {row['forward_ratio']:.2f} | {fb} | {fbr} | "
-            f"{row['forward_peak_mib']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    out = []
+    if "attention" in results:
+        out += [
+            "### Attention (each path vs plain causal SDPA in the same run)",
+            "",
+            "| L | dtype | path | fwd s | x SDPA | x stock | fwd+bwd s | x SDPA | tokens/s (fwd) | peak MiB | x SDPA |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["attention"]:
+            cells = [
+                str(row["length"]),
+                row["dtype"],
+                row["path"],
+                _number(row, "forward_s", 4),
+                _number(row, "forward_x_sdpa"),
+                _number(row, "forward_x_stock"),
+                _number(row, "forward_backward_s", 4),
+                _number(row, "forward_backward_x_sdpa"),
+                _number(row, "forward_tokens_per_s", 0),
+                _number(row, "forward_peak_mib", 0),
+                _number(row, "forward_peak_mib_x_sdpa"),
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    if "rotary" in results:
+        out += [
+            "### Rotary step (q and k together)",
+            "",
+            "| S | dtype | copy s | ours s | transformers s | ours x copy | transformers x copy | ours x transf. |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["rotary"]:
+            cells = [str(row["length"]), row["dtype"]]
+            cells += [_number(row, key, 5) for key in ("copy_s", "ours_s", "transformers_s")]
+            cells += [_number(row, key) for key in ("ours_x_copy", "transformers_x_copy", "ours_x_transformers")]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    if "models" in results:
+        out += [
+            "### Whole models: one training step (forward + backward)",
+            "",
+            "| arch | model | L | attention | step s | tokens/s | x NoPE | x stock |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["models"]:
+            cells = [row["arch"], row["model"], str(row["length"]), row["attn_implementation"]]
+            cells += [_number(row, "train_step_s", 3), _number(row, "train_tokens_per_s", 0)]
+            cells += [_number(row, "speed_x_nope"), _number(row, "speed_x_stock")]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def write(results: dict, out: str | Path) -> Path:
