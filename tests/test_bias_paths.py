@@ -81,13 +81,31 @@ def spy(monkeypatch):
 
 
 @pytest.mark.parametrize("block_bytes", [posenc_attention.COLUMN_BLOCK_BYTES, 1], ids=["all-heads", "head-by-head"])
-@pytest.mark.parametrize(("q_len", "k_len"), [(300, 300), (1, 300)], ids=["prefill", "decode"])
-def test_alibi_column_trick(spy, monkeypatch, q_len, k_len, block_bytes):
+def test_alibi_column_trick(spy, monkeypatch, block_bytes):
     """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all;
     with grouped keys, whether all heads run in one call or one key head per call."""
     monkeypatch.setattr(posenc_attention, "COLUMN_BLOCK_BYTES", block_bytes)
-    out, expected, grads, expected_grads = run(AlibiBias(4), causal(q_len, k_len), kv_heads=2, spy=spy)
+    out, expected, grads, expected_grads = run(AlibiBias(4), causal(300, 300), kv_heads=2, spy=spy)
     assert spy == []  # the column trick never builds a bias block
+    assert_close(out, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad, 1e-4)
+
+
+def test_alibi_continuation_after_a_cache(spy):
+    """Several new queries after cached keys (a second prompt chunk, speculative decoding): SDPA's is_causal would
+    align them with the first keys, so this runs chunked, exact against fp64."""
+    out, expected, grads, expected_grads = run(AlibiBias(4), causal(20, 300), kv_heads=2, spy=spy)
+    assert spy == [(20, 300)]
+    assert_close(out, expected, 1e-5)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close(grad, expected_grad, 1e-4)
+
+
+def test_alibi_decode_step_is_one_bias_row(spy):
+    """A decode step (one query against the cache) runs chunked: a single (1, K) bias row, exact against fp64."""
+    out, expected, grads, expected_grads = run(AlibiBias(4), causal(1, 300), kv_heads=2, spy=spy)
+    assert spy == [(1, 300)]
     assert_close(out, expected, 1e-5)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_close(grad, expected_grad, 1e-4)

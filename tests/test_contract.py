@@ -107,6 +107,20 @@ def test_generate_matches_full_forward(arch, case, padded):
     torch.testing.assert_close(step_logits, full[:, T - 1 : -1], atol=1e-4, rtol=1e-4)
 
 
+def test_prompt_in_chunks_matches_full_forward(arch, case):
+    """A prompt fed in two chunks through the cache (several new queries after cached keys, as in chunked prefill or
+    speculative decoding) gives the logits of one full forward."""
+    from transformers import DynamicCache
+
+    model = build(arch, SCHEME_CASES[case])
+    x = tokens()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        first = model(x[:, :7], past_key_values=cache, use_cache=True).logits
+        second = model(x[:, 7:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([first, second], dim=1), logits(model, x), atol=1e-4, rtol=1e-4)
+
+
 def test_eager_matches_sdpa(arch, case):
     """The eager and SDPA attention paths agree, with padding, forward and backward."""
     x = tokens()

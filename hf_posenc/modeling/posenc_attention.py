@@ -297,6 +297,11 @@ def _provider(module: nn.Module, attention_mask) -> nn.Module:
     return provider
 
 
+def _starts_together(masks: ScoreBiasMask) -> bool:
+    """The first query sits at the first key: a prefill, nothing cached before it."""
+    return int(masks.q_positions[0]) == int(masks.kv_positions[0])
+
+
 def _queries_end_with_keys(masks: ScoreBiasMask) -> bool:
     """The last query sits at the last key: no unfilled StaticCache slots after the queries."""
     return int(masks.q_positions[-1]) == int(masks.kv_positions[-1])
@@ -306,7 +311,8 @@ def _queries_end_with_keys(masks: ScoreBiasMask) -> bool:
 BIAS_BLOCK_BYTES = 64 * 2**20
 
 
-#: bytes the column trick's extended q, k, v and output may take at once: it runs as many heads per call as fit
+#: bytes the column trick's extended q, k, v and output may take at once (as many heads per call as fit): at 16k
+#: tokens and 12 heads, 2 heads per call keep its extra memory near causal SDPA's output; see the README
 COLUMN_BLOCK_BYTES = 40 * 2**20
 
 
@@ -322,7 +328,7 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     batch, heads, q_length, head_dim = query.shape
     kv_heads = key.shape[1]
     kv_positions = masks.kv_positions
-    if q_length > 1 and key.shape[2] > q_length:  # StaticCache prefill: the keys past the queries are not filled yet
+    if key.shape[2] > q_length:  # StaticCache prefill: the keys past the queries are not filled yet
         key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[:q_length]
     width = head_dim + 1 + (-(head_dim + 1) % 8)  # a multiple of 8 keeps the fused kernels
     # positions counted from the first key keep the column small; a per-row shift changes nothing after softmax
@@ -332,7 +338,7 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
 
     def attention(q, k, v):
         return nn.functional.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, scale=scaling, is_causal=q_length > 1, enable_gqa=k.shape[1] != q.shape[1]
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
         )
 
     output = query.new_empty(batch, q_length, heads, head_dim)
@@ -384,12 +390,16 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
 
 
 def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact (causal, fp32, no
-    padding), query-chunked blocks everywhere else."""
+    """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact and fastest
+    (causal, fp32, no padding, more than one query), query-chunked blocks everywhere else (see `hf-posenc bench`)."""
     provider = _provider(module, attention_mask)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     masks = attention_mask
-    if isinstance(provider, AlibiBias) and masks.mask is None and masks.causal and query.dtype == torch.float32:
+    # the column trick needs SDPA's is_causal alignment: queries and keys both start at the first position (a
+    # prefill; keys past the queries are unfilled StaticCache slots). A decode step (one query) is faster chunked
+    # anyway: one (H, K) bias row instead of extended copies of the whole cache.
+    column_trick_exact = isinstance(provider, AlibiBias) and masks.mask is None and masks.causal
+    if column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1 and _starts_together(masks):
         return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout)
     return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout)
 

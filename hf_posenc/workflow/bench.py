@@ -51,10 +51,15 @@ class _Attention(nn.Module):
         object.__setattr__(self, "posenc_bias", provider)
 
 
-def _masks(length: int, padded: bool, device) -> ScoreBiasMask:
-    positions = torch.arange(length, device=device)
-    mask = torch.ones(1, 1, length, length, dtype=torch.bool, device=device).tril() if padded else None
-    return ScoreBiasMask(mask, True, positions, positions)
+def _masks(q_length: int, k_length: int, padded: bool, device) -> ScoreBiasMask:
+    """Causal masks of queries at the end of the keys (a decode step when q_length is 1); `padded` adds a boolean
+    mask as padding would."""
+    kv_positions = torch.arange(k_length, device=device)
+    q_positions = kv_positions[k_length - q_length :]
+    mask = None
+    if padded:
+        mask = (q_positions[:, None] >= kv_positions[None, :])[None, None]
+    return ScoreBiasMask(mask, True, q_positions, kv_positions)
 
 
 def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dict:
@@ -62,10 +67,10 @@ def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dic
     alibi, t5 = _Attention(AlibiBias(heads)), _Attention(T5RelativeBias(heads).to(device))
 
     def sdpa(q, k, v):
-        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
 
     def call(kernel, module, padded):
-        return lambda q, k, v: kernel(module, q, k, v, _masks(q.shape[2], padded, q.device))[0]
+        return lambda q, k, v: kernel(module, q, k, v, _masks(q.shape[2], k.shape[2], padded, q.device))[0]
 
     paths = {REFERENCE: (sdpa, True)}
     if dtype == torch.float32:
@@ -132,6 +137,17 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
                     row["forward_backward_s"] = time_call(step, repeats, warmup)
                 block.append(row)
             _ratios(block, block[0], ("forward_s", "forward_backward_s", "forward_peak_mib"), "sdpa")
+            decode = []  # one query against a cache of `length` keys: a generation step
+            for name, (function, _) in attention_paths(heads, device, dtype).items():
+                if "flex" in name or (name == STOCK_ALIBI and length > dense_max):
+                    continue
+                row = {"path": f"decode step: {name}", "length": length, "dtype": block[0]["dtype"]}
+                with torch.no_grad():
+                    row["forward_s"] = time_call(functools.partial(function, q[:, :, -1:], k, v), repeats * 5)
+                row["forward_tokens_per_s"] = batch / row["forward_s"]
+                decode.append(row)
+            _ratios(decode, decode[0], ("forward_s",), "sdpa")
+            block.extend(decode)
             stock = next((row for row in block if row["path"] == STOCK_ALIBI), None)
             if stock is not None:
                 _ratios([row for row in block if row["path"].startswith("alibi")], stock, ("forward_s",), "stock")
