@@ -90,6 +90,11 @@ def test_alibi_column_trick(spy, monkeypatch, block_bytes):
     assert_close(out, expected, 1e-5)
     for grad, expected_grad in zip(grads, expected_grads):
         assert_close(grad, expected_grad, 1e-4)
+    with torch.no_grad():  # inference reuses one set of extended buffers for every group of heads
+        query, key, value = (torch.randn(2, 4, 300, 16) for _ in range(3))
+        masks = causal(300, 300)
+        inference, _ = posenc_sdpa_attention(Attention(AlibiBias(4)), query, key, value, masks, scaling=0.25)
+    assert_close(inference, reference(query, key, value, AlibiBias(4), masks, 0.25), 1e-5)
 
 
 def test_alibi_continuation_after_a_cache(spy):

@@ -244,10 +244,12 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     command = ["bench", "--lengths", "64,128", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
     assert main([*command, "--model-length", "32", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
-    rows = [row for row in results["attention"] if "flex" not in row["path"]]  # flex: CPU inference only
+    rows = [row for row in results["attention"] if "flex" not in row["path"] and "decode" not in row["path"]]
     assert {row["path"] for row in rows} >= {bench.REFERENCE, "alibi: column trick", "alibi: chunked (padding mask)"}
     assert all(row["forward_x_sdpa"] == 1.0 for row in rows if row["path"] == bench.REFERENCE)
-    assert all("forward_backward_x_sdpa" in row for row in rows)
+    assert all("forward_backward_x_sdpa" in row for row in rows)  # flex has no CPU backward; decode is inference
+    decode = [row for row in results["attention"] if row["path"].startswith("decode step")]
+    assert {row["path"] for row in decode} >= {"decode step: " + bench.REFERENCE, "decode step: alibi: no padding"}
     assert {row["path"] for row in rows if "forward_x_stock" in row} >= {bench.STOCK_ALIBI, "alibi: column trick"}
     assert {(row["length"], row["dtype"]) for row in results["rotary"]} == {
         (n, d) for n in (64, 128) for d in ("float32", "bfloat16")

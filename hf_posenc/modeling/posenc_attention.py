@@ -259,18 +259,47 @@ class DenormalFlush:
             self._set_team(token)
 
     def around(self, function, *tensors):
-        """`function(*tensors)` with denormals flushed, in its forward and (via hooks on its autograd node) its
-        backward."""
+        """`function(*tensors)` with denormals flushed, in its forward and in its whole backward (every autograd node
+        it made: SDPA's math fallback, used with dropout, is several). `function` must reach every tensor that needs
+        a gradient through its arguments, not through a closure."""
+        if not self.enabled or tensors[0].device.type != "cpu":
+            return function(*tensors)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return _FlushedCall.apply(self, function, *tensors)
         token = self.enter(tensors[0])
         try:
-            output = function(*tensors)
+            return function(*tensors)
         finally:
             self.exit(token)
-        if token is not None and output.grad_fn is not None:
-            tokens = []
-            output.grad_fn.register_prehook(lambda grad_outputs: tokens.append(self.enter(output)))
-            output.grad_fn.register_hook(lambda grad_inputs, grad_outputs: self.exit(tokens.pop()))
-        return output
+
+
+class _FlushedCall(torch.autograd.Function):
+    """Runs `function` on detached inputs under the flush and keeps its graph; the backward differentiates that graph
+    under the flush again."""
+
+    @staticmethod
+    def forward(ctx, flush, function, *tensors):
+        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        token = flush.enter(tensors[0])
+        try:
+            with torch.enable_grad():
+                output = function(*inputs)
+        finally:
+            flush.exit(token)
+        ctx.flush, ctx.inputs, ctx.output = flush, inputs, output
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        flags = [t.requires_grad for t in ctx.inputs]
+        token = ctx.flush.enter(grad)
+        try:
+            wanted = [t for t in ctx.inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.output, wanted, grad, allow_unused=True))
+        finally:
+            ctx.flush.exit(token)
+        del ctx.inputs, ctx.output
+        return None, None, *(next(grads) if flag else None for flag in flags)
 
 
 denormal_flush = DenormalFlush()
@@ -345,20 +374,23 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     per_kv_head = batch * width * query.element_size() * (2 * group * q_length + 2 * key.shape[2])  # q, out, k, v
     calls = -(-kv_heads // max(1, COLUMN_BLOCK_BYTES // per_kv_head))
     step = -(-kv_heads // calls)  # key heads per call, balanced
+    # without autograd one set of extended buffers serves every group; with it, SDPA keeps each group's for backward
+    reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    buffers = None
     for first in range(0, kv_heads, step):
         kv_rows, q_rows = slice(first, first + step), slice(first * group, (first + step) * group)
-        q = query[:, q_rows]
-        extended_q = q.new_zeros(*q.shape[:3], width)
+        q, k, v = query[:, q_rows], key[:, kv_rows], value[:, kv_rows]
+        if buffers is None or not reuse:
+            buffers = [t.new_zeros(*t.shape[:3], width) for t in (q, k, v)]  # the padding columns stay zero
+        extended_q, extended_k, extended_v = (b[:, : t.shape[1]] for b, t in zip(buffers, (q, k, v)))
         extended_q[..., :head_dim] = q
         extended_q[..., head_dim] = slopes[q_rows, None]
-        k = key[:, kv_rows]
-        extended_k = k.new_zeros(*k.shape[:3], width)
         extended_k[..., :head_dim] = k
         extended_k[..., head_dim] = column
-        extended_v = nn.functional.pad(value[:, kv_rows], (0, width - head_dim))
+        extended_v[..., :head_dim] = v
         result = denormal_flush.around(attention, extended_q, extended_k, extended_v)
         output[:, :, q_rows] = result[..., :head_dim].transpose(1, 2)
-        del q, k, extended_q, extended_k, extended_v, result  # before the next group allocates its own
+        del q, k, v, extended_q, extended_k, extended_v, result  # before the next group allocates its own
     return output, None
 
 
@@ -373,7 +405,7 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     key32, value32 = key.to(compute), value.to(compute)
     chunk = max(1, BIAS_BLOCK_BYTES // (4 * batch * heads * key.shape[2]))
 
-    def attention(rows_query, bias):
+    def attention(rows_query, key32, value32, bias):
         return nn.functional.scaled_dot_product_attention(
             rows_query, key32, value32, attn_mask=bias, dropout_p=dropout, scale=scaling
         )
@@ -385,7 +417,8 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
         allowed = masks.block(rows)
         if allowed is not None:
             bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
-        outputs.append(denormal_flush.around(attention, query[:, :, rows].to(compute), bias).to(query.dtype))
+        rows_query = query[:, :, rows].to(compute)
+        outputs.append(denormal_flush.around(attention, rows_query, key32, value32, bias).to(query.dtype))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -141,7 +141,9 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
             for name, (function, _) in attention_paths(heads, device, dtype).items():
                 if "flex" in name or (name == STOCK_ALIBI and length > dense_max):
                     continue
-                row = {"path": f"decode step: {name}", "length": length, "dtype": block[0]["dtype"]}
+                # posenc_sdpa runs a decode step chunked (one bias row) with or without padding
+                label = name.replace("column trick", "no padding").replace("chunked (padding mask)", "padding mask")
+                row = {"path": f"decode step: {label}", "length": length, "dtype": block[0]["dtype"]}
                 with torch.no_grad():
                     row["forward_s"] = time_call(functools.partial(function, q[:, :, -1:], k, v), repeats * 5)
                 row["forward_tokens_per_s"] = batch / row["forward_s"]
