@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hf_posenc
+from hf_posenc.modeling.posenc_attention import AlibiBias, T5RelativeBias
 
 VOCAB = 96
 
@@ -130,3 +131,18 @@ def encoder(request):
 @pytest.fixture(params=list(SCHEME_CASES), ids=list(SCHEME_CASES))
 def case(request):
     return request.param
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records the (rows, keys) size of every bias block the score-bias providers are asked for."""
+    sizes = []
+    for cls in (AlibiBias, T5RelativeBias):
+        original = cls.forward
+
+        def recording(self, q_positions, kv_positions, _original=original):
+            sizes.append((len(q_positions), len(kv_positions)))
+            return _original(self, q_positions, kv_positions)
+
+        monkeypatch.setattr(cls, "forward", recording)
+    return sizes

@@ -65,21 +65,6 @@ def assert_close(actual, expected, tolerance):
     assert error < tolerance, f"relative error {error:.2e} >= {tolerance}"
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Records the (rows, keys) size of every bias block the providers are asked for."""
-    sizes = []
-    for cls in (AlibiBias, T5RelativeBias):
-        original = cls.forward
-
-        def recording(self, q_positions, kv_positions, _original=original):
-            sizes.append((len(q_positions), len(kv_positions)))
-            return _original(self, q_positions, kv_positions)
-
-        monkeypatch.setattr(cls, "forward", recording)
-    return sizes
-
-
 @pytest.mark.parametrize("block_bytes", [posenc_attention.COLUMN_BLOCK_BYTES, 1], ids=["all-heads", "head-by-head"])
 def test_alibi_column_trick(spy, monkeypatch, block_bytes):
     """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all;

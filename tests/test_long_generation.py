@@ -7,30 +7,13 @@ import pytest
 import torch
 from conftest import build, pad_aware_positions
 
-from hf_posenc.modeling.posenc_attention import AlibiBias, T5RelativeBias
-
 CONTEXT = 8192
 NEW = 3
 
 
-@pytest.fixture
-def bias_requests(monkeypatch):
-    """The (rows, keys) of every bias block a provider is asked for."""
-    sizes = []
-    for cls in (AlibiBias, T5RelativeBias):
-        original = cls.forward
-
-        def recording(self, q_positions, kv_positions, _original=original):
-            sizes.append((len(q_positions), len(kv_positions)))
-            return _original(self, q_positions, kv_positions)
-
-        monkeypatch.setattr(cls, "forward", recording)
-    return sizes
-
-
 @pytest.mark.parametrize("scheme", ["alibi", "rope", "t5_bias"])
 @pytest.mark.parametrize("padded", [False, True], ids=["one-row", "left-padded"])
-def test_generate_at_8k_context(scheme, padded, bias_requests):
+def test_generate_at_8k_context(scheme, padded, spy):
     """Greedy generation after an 8192-token prompt equals the full forward over the result; the bias blocks are a
     fraction of (L, L) at prefill and single rows while decoding."""
     model = build("llama", scheme, config_overrides={"max_position_embeddings": CONTEXT + NEW})
@@ -50,7 +33,7 @@ def test_generate_at_8k_context(scheme, padded, bias_requests):
             return_dict_in_generate=True,
         )
         steps = torch.stack(out.logits, dim=1)  # (B, NEW, V)
-        requests = list(bias_requests)
+        requests = list(spy)
         full_mask = torch.cat([mask, torch.ones(batch, NEW, dtype=mask.dtype)], dim=1)
         full = model(out.sequences, attention_mask=full_mask, position_ids=pad_aware_positions(full_mask)).logits
     torch.testing.assert_close(steps, full[:, CONTEXT - 1 : -1], atol=2e-4, rtol=2e-4)

@@ -23,6 +23,7 @@ import ctypes.util
 import functools
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -217,12 +218,15 @@ class DenormalFlush:
                 if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
                     with open("/proc/self/maps") as maps:
                         paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
-                    gomp, libm = ctypes.CDLL(paths.pop()), ctypes.CDLL(ctypes.util.find_library("m"))
+                    # torch's own runtime first: torch.compile'd kernels may load the system's libgomp beside it
+                    torch_lib = str(Path(torch.__file__).parent)
+                    path = min(paths, key=lambda candidate: not candidate.startswith(torch_lib))
+                    gomp, libm = ctypes.CDLL(path), ctypes.CDLL(ctypes.util.find_library("m"))
                     gomp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
                     gomp.GOMP_parallel.restype = None
                     libm.fegetenv.argtypes = [ctypes.c_void_p]
                     self._team = (gomp.GOMP_parallel, ctypes.cast(libm.fesetenv, ctypes.c_void_p), libm.fegetenv)
-            except (OSError, KeyError, AttributeError, TypeError):  # no libgomp or libm: the calling thread only
+            except (OSError, ValueError, AttributeError, TypeError):  # no libgomp or libm: the calling thread only
                 self._team = ()
         return self._team
 

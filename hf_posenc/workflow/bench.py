@@ -85,19 +85,30 @@ def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dic
     return paths
 
 
+def time_calls(functions: dict, repeats: int, warmup: int = 2) -> dict:
+    """name -> median seconds of `repeats` calls of each function after `warmup` calls of each, synchronising a GPU.
+
+    The functions take turns (one call of each per round), so a machine that slows down or speeds up during the run
+    affects every function alike and the ratios between them stay meaningful.
+    """
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for function in functions.values():
+        for _ in range(warmup):
+            function()
+    synchronize()
+    seconds = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            began = time.perf_counter()
+            function()
+            synchronize()
+            seconds[name].append(time.perf_counter() - began)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def time_call(function, repeats: int, warmup: int = 2) -> float:
     """Median seconds of `repeats` calls after `warmup` calls (synchronising a GPU)."""
-    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        function()
-    synchronize()
-    seconds = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        function()
-        synchronize()
-        seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds)
+    return time_calls({"call": function}, repeats, warmup)["call"]
 
 
 def _forward_backward(function, q, k, v) -> None:
@@ -121,33 +132,54 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
             q, k, v = (
                 torch.randn(batch, heads, length, head_dim, generator=generator).to(device, dtype) for _ in range(3)
             )
-            block = []
-            for name, (function, trains) in attention_paths(heads, device, dtype).items():
-                if name == STOCK_ALIBI and length > dense_max:
-                    continue
-                row = {"path": name, "length": length, "dtype": str(dtype).removeprefix("torch.")}
-                warmup = 1 if length > 4096 else 2
-                with torch.no_grad(), PeakMemory(device) as memory:
-                    row["forward_s"] = time_call(functools.partial(function, q, k, v), repeats, warmup)
-                row["forward_peak_mib"] = memory.peak_bytes / 2**20
-                row["forward_tokens_per_s"] = batch * length / row["forward_s"]
-                if trains and length <= backward_max:
-                    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-                    step = functools.partial(_forward_backward, function, qg, kg, vg)
-                    row["forward_backward_s"] = time_call(step, repeats, warmup)
-                block.append(row)
+            paths = {
+                name: path
+                for name, path in attention_paths(heads, device, dtype).items()
+                if name != STOCK_ALIBI or length <= dense_max
+            }
+            dtype_name = str(dtype).removeprefix("torch.")
+            block = [{"path": name, "length": length, "dtype": dtype_name} for name in paths]
+            warmup = 1 if length > 4096 else 2
+            with torch.no_grad():
+                forward = time_calls(
+                    {name: functools.partial(f, q, k, v) for name, (f, _) in paths.items()}, repeats, warmup
+                )
+                for row in block:  # peak memory: one call of each path on its own
+                    with PeakMemory(device) as memory:
+                        paths[row["path"]][0](q, k, v)
+                    row["forward_s"] = forward[row["path"]]
+                    row["forward_peak_mib"] = memory.peak_bytes / 2**20
+                    row["forward_tokens_per_s"] = batch * length / row["forward_s"]
+            if length <= backward_max:
+                qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+                steps = {
+                    n: functools.partial(_forward_backward, f, qg, kg, vg) for n, (f, trains) in paths.items() if trains
+                }
+                for name, seconds in time_calls(steps, repeats, warmup).items():
+                    next(row for row in block if row["path"] == name)["forward_backward_s"] = seconds
             _ratios(block, block[0], ("forward_s", "forward_backward_s", "forward_peak_mib"), "sdpa")
-            decode = []  # one query against a cache of `length` keys: a generation step
-            for name, (function, _) in attention_paths(heads, device, dtype).items():
-                if "flex" in name or (name == STOCK_ALIBI and length > dense_max):
-                    continue
-                # posenc_sdpa runs a decode step chunked (one bias row) with or without padding
-                label = name.replace("column trick", "no padding").replace("chunked (padding mask)", "padding mask")
-                row = {"path": f"decode step: {label}", "length": length, "dtype": block[0]["dtype"]}
-                with torch.no_grad():
-                    row["forward_s"] = time_call(functools.partial(function, q[:, :, -1:], k, v), repeats * 5)
-                row["forward_tokens_per_s"] = batch / row["forward_s"]
-                decode.append(row)
+            # one query against a cache of `length` keys: a generation step. posenc_sdpa runs it chunked (one bias
+            # row) with or without padding
+            decode_paths = {
+                "decode step: "
+                + name.replace("column trick", "no padding").replace("chunked (padding mask)", "padding mask"): f
+                for name, (f, _) in paths.items()
+                if "flex" not in name
+            }
+            with torch.no_grad():
+                decode_seconds = time_calls(
+                    {name: functools.partial(f, q[:, :, -1:], k, v) for name, f in decode_paths.items()}, repeats * 5
+                )
+            decode = [
+                {
+                    "path": name,
+                    "length": length,
+                    "dtype": dtype_name,
+                    "forward_s": seconds,
+                    "forward_tokens_per_s": batch / seconds,
+                }
+                for name, seconds in decode_seconds.items()
+            ]
             _ratios(decode, decode[0], ("forward_s",), "sdpa")
             block.extend(decode)
             stock = next((row for row in block if row["path"] == STOCK_ALIBI), None)
@@ -177,9 +209,15 @@ def run_rotary(lengths, heads=12, head_dim=64, batch=1, repeats=20) -> list[dict
             angles = torch.cat((angles, angles), dim=-1)
             tables = angles.cos().to(dtype), angles.sin().to(dtype)
             with torch.no_grad():
-                copy = time_call(functools.partial(_copy, q, k), repeats)
-                ours = time_call(functools.partial(apply_rope, q, k, *tables), repeats)
-                theirs = time_call(functools.partial(apply_rotary_pos_emb, q, k, *tables), repeats)
+                seconds = time_calls(
+                    {
+                        "copy": functools.partial(_copy, q, k),
+                        "ours": functools.partial(apply_rope, q, k, *tables),
+                        "theirs": functools.partial(apply_rotary_pos_emb, q, k, *tables),
+                    },
+                    repeats,
+                )
+            copy, ours, theirs = seconds["copy"], seconds["ours"], seconds["theirs"]
             rows.append(
                 dict(
                     length=length,
@@ -211,8 +249,8 @@ NATIVE = {"gpt2": "learned", "llama": "rope"}
 
 
 def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "t5_bias", "rope"), repeats=3, batch=1):
-    """One AdamW-free training step (forward, backward, zero grads) per model: tokens/s and ratios to NoPE and to the
-    stock model. `length` must fit the stock model's table (its learned positions)."""
+    """One optimizer-free training step (forward, backward, zero grads) per model, the models of an architecture taking
+    turns: tokens/s and ratios to NoPE and to the stock model. `length` must fit the stock model's learned table."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -222,24 +260,26 @@ def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "
         tokens = torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
         tokens = tokens.to(device)
         variants = {"stock": None, **{scheme: scheme for scheme in dict.fromkeys((NATIVE[arch], *schemes))}}
-        block = []
-        for scheme in variants.values():
+        models = {}
+        for name, scheme in variants.items():
             torch.manual_seed(0)
             kwargs = {} if scheme is None else {"posenc": scheme}
             # a copy each: from_config records the attention implementation it chose on the config it is given
-            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs).to(device).train()
-            seconds = time_call(functools.partial(_train_step, model, tokens), repeats, warmup=1)
-            block.append(
-                dict(
-                    arch=arch,
-                    model=f"stock {arch} ({NATIVE[arch]})" if scheme is None else f"posenc {scheme}",
-                    length=length,
-                    attn_implementation=model.config._attn_implementation,
-                    train_step_s=seconds,
-                    train_tokens_per_s=batch * length / seconds,
-                )
+            models[name] = AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs).to(device).train()
+        steps = {name: functools.partial(_train_step, model, tokens) for name, model in models.items()}
+        seconds = time_calls(steps, repeats, warmup=1)
+        block = [
+            dict(
+                arch=arch,
+                model=f"stock {arch} ({NATIVE[arch]})" if scheme is None else f"posenc {scheme}",
+                length=length,
+                attn_implementation=models[name].config._attn_implementation,
+                train_step_s=seconds[name],
+                train_tokens_per_s=batch * length / seconds[name],
             )
-            del model
+            for name, scheme in variants.items()
+        ]
+        del models, steps
         stock, nope = block[0], next(row for row in block if row["model"] == "posenc nope")
         for row in block:
             row["speed_x_nope"] = row["train_tokens_per_s"] / nope["train_tokens_per_s"]
