@@ -67,8 +67,8 @@ def assert_close(actual, expected, tolerance):
 
 @pytest.mark.parametrize("block_bytes", [posenc_attention.COLUMN_BLOCK_BYTES, 1], ids=["all-heads", "head-by-head"])
 def test_alibi_column_trick(spy, monkeypatch, block_bytes):
-    """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all;
-    with grouped keys, whether all heads run in one call or one key head per call."""
+    """Causal ALiBi without padding in fp32: exact against fp64, forward and backward, and no bias tensor at all, with
+    grouped keys; in inference whether all heads run in one call or one key head per call (reusing buffers)."""
     monkeypatch.setattr(posenc_attention, "COLUMN_BLOCK_BYTES", block_bytes)
     out, expected, grads, expected_grads = run(AlibiBias(4), causal(300, 300), kv_heads=2, spy=spy)
     assert spy == []  # the column trick never builds a bias block

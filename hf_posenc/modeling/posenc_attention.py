@@ -354,9 +354,9 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     which softmax ignores, so one extra head-dim column (m_h in q, j/scale in k, 0 in v) adds it exactly. The key
     column does not depend on the head, so grouped keys stay grouped.
 
-    The extended copies exist for one group of heads at a time (at most `COLUMN_BLOCK_BYTES`, at least one key head),
-    and each group's output goes straight into the (B, Q, H, D) result. Exact in fp32 only (the column grows to m*K),
-    so posenc_sdpa uses it for fp32 inputs without padding.
+    In inference the extended copies exist for one group of heads at a time (at most `COLUMN_BLOCK_BYTES`, at least
+    one key head), and each group's output goes straight into the (B, Q, H, D) result. Exact in fp32 only (the
+    column grows to m*K), so posenc_sdpa uses it for fp32 inputs without padding.
     """
     batch, heads, q_length, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -375,11 +375,12 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
         )
 
     output = query.new_empty(batch, q_length, heads, head_dim)
-    per_kv_head = batch * width * query.element_size() * (2 * group * q_length + 2 * key.shape[2])  # q, out, k, v
-    calls = -(-kv_heads // max(1, COLUMN_BLOCK_BYTES // per_kv_head))
-    step = -(-kv_heads // calls)  # key heads per call, balanced
-    # without autograd one set of extended buffers serves every group; with it, SDPA keeps each group's for backward
+    # Without autograd, one set of extended buffers serves every group of heads, so groups bound the extra memory.
+    # With it, SDPA keeps every group's extended inputs for the backward anyway: one call, which is faster.
     reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
+    per_kv_head = batch * width * query.element_size() * (2 * group * q_length + 2 * key.shape[2])  # q, out, k, v
+    calls = -(-kv_heads // max(1, COLUMN_BLOCK_BYTES // per_kv_head)) if reuse else 1
+    step = -(-kv_heads // calls)  # key heads per call, balanced
     buffers = None
     for first in range(0, kv_heads, step):
         kv_rows, q_rows = slice(first, first + step), slice(first * group, (first + step) * group)
