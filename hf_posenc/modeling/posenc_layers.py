@@ -153,10 +153,10 @@ class PosencRotaryEmbedding(nn.Module):
 
 
 class _RotateHalves(torch.autograd.Function):
-    """`x * cos + rotate_half(x) * sin` for (B, H, T, D) x and (B, 1, T, D) cos, (B, 1, T, D/2) sin: one multiply and
-    two in-place multiply-adds on the halves, where transformers' `apply_rotary_pos_emb` builds `rotate_half(x)` (a
-    negation and a concatenation) and three more full-size temporaries. The rotation is orthogonal, so the backward
-    is the same step with -sin."""
+    """`x * cos + rotate_half(x) * sin` for (B, H, T, D) q and k with (B, 1, T, D) cos and (B, 1, T, D/2) sin: one
+    multiply and two in-place multiply-adds on the halves per tensor, where transformers' `apply_rotary_pos_emb` builds
+    `rotate_half(x)` (a negation and a concatenation) and three more full-size temporaries. The rotation is
+    orthogonal, so the backward is the same step with -sin."""
 
     @staticmethod
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
@@ -167,22 +167,22 @@ class _RotateHalves(torch.autograd.Function):
         return out
 
     @staticmethod
-    def forward(ctx, x, cos, sin_half):
+    def forward(ctx, query, key, cos, sin_half):
         ctx.save_for_backward(cos, sin_half)
-        return _RotateHalves.rotate(x, cos, sin_half)
+        return _RotateHalves.rotate(query, cos, sin_half), _RotateHalves.rotate(key, cos, sin_half)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad_query, grad_key):
         cos, sin_half = ctx.saved_tensors
-        return _RotateHalves.rotate(grad, cos, -sin_half), None, None
+        grads = (None if g is None else _RotateHalves.rotate(g, cos, -sin_half) for g in (grad_query, grad_key))
+        return *grads, None, None
 
 
 def apply_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """RoPE on (B, H, T, D) q and k with (B, T, D) tables in the half-split layout of transformers'
-    `apply_rotary_pos_emb` (same result, several times faster; see `hf-posenc bench`). The tables' two halves are
+    `apply_rotary_pos_emb` (same result, about twice as fast; see `hf-posenc bench`). The tables' two halves are
     equal, as `PosencRotaryEmbedding` makes them; the tables carry no gradient."""
-    cos, sin_half = cos.unsqueeze(1).detach(), sin[..., : sin.shape[-1] // 2].unsqueeze(1).detach()
-    return _RotateHalves.apply(query, cos, sin_half), _RotateHalves.apply(key, cos, sin_half)
+    return _RotateHalves.apply(query, key, cos.unsqueeze(1), sin[..., : sin.shape[-1] // 2].unsqueeze(1))
 
 
 def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings, past_key_values):
