@@ -262,3 +262,47 @@ def test_denormal_flush_leaves_a_user_setting_alone(monkeypatch):
         torch.set_flush_denormal(False)
     monkeypatch.setattr(DenormalFlush, "enabled", False)
     assert denormal_flush.enter(torch.zeros(1)) is None and not DenormalFlush.flushing()
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_backward_twice_with_retained_graph(scheme):
+    """backward(retain_graph=True) then backward again: the same gradients twice (the flush keeps no graph of its own),
+    and the flush is off after each."""
+    model = build("llama", scheme).train()
+    loss = model(tokens(), labels=tokens()).loss
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert not DenormalFlush.flushing()
+    model.zero_grad()
+    loss.backward()
+    second = [p.grad for p in model.parameters() if p.grad is not None]
+    assert not DenormalFlush.flushing()
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_gradient_checkpointing_matches(scheme):
+    """With gradient checkpointing (transformers' non-reentrant default) a bias model gives the same gradients."""
+    results = []
+    for checkpointing in (False, True):
+        model = build("llama", scheme).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(tokens(), labels=tokens()).loss.backward()
+        results.append([p.grad for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_compiles_in_one_graph(scheme):
+    """torch.compile(fullgraph=True) traces a bias model (no data-dependent branches or host syncs on the positions)
+    and gives the eager logits."""
+    torch._dynamo.reset()
+    model = build("llama", scheme)
+    x = tokens()
+    with torch.no_grad():
+        expected = model(x).logits
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x).logits
+    torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)

@@ -239,9 +239,11 @@ class DenormalFlush:
         parallel, fesetenv, _ = self._team
         parallel(fesetenv, environment, torch.get_num_threads(), 0)
 
-    def enter(self, tensor: torch.Tensor):
-        """Start flushing on every thread; returns the token `exit` needs (None when nothing was changed)."""
-        if not self.enabled or tensor.device.type != "cpu" or self.flushing():
+    def enter(self, where: torch.Tensor | torch.device):
+        """Start flushing on every thread (for a tensor or device on the CPU); returns the token `exit` needs (None
+        when nothing was changed)."""
+        device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
+        if not self.enabled or device.type != "cpu" or self.flushing():
             return None
         team = self._resolve()
         if not team:
@@ -263,47 +265,42 @@ class DenormalFlush:
             self._set_team(token)
 
     def around(self, function, *tensors):
-        """`function(*tensors)` with denormals flushed, in its forward and in its whole backward (every autograd node
-        it made: SDPA's math fallback, used with dropout, is several). `function` must reach every tensor that needs
-        a gradient through its arguments, not through a closure."""
-        if not self.enabled or tensors[0].device.type != "cpu":
+        """`function(*tensors)` with denormals flushed, in its forward and in its backward. `function` must reach every
+        tensor that needs a gradient through its arguments. Under torch.compile it runs as it is (no flush)."""
+        if not self.enabled or tensors[0].device.type != "cpu" or torch.compiler.is_compiling():
             return function(*tensors)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return _FlushedCall.apply(self, function, *tensors)
         token = self.enter(tensors[0])
         try:
-            return function(*tensors)
+            output = function(*tensors)
         finally:
             self.exit(token)
+        inputs = [t for t in tensors if t.requires_grad]
+        if output.grad_fn is not None and inputs:
+            self._flush_backward(output.grad_fn, inputs)
+        return output
 
+    def _flush_backward(self, node, inputs: list) -> None:
+        """Flush from the moment the output's gradient arrives until every input's gradient is computed (SDPA's math
+        fallback, used with dropout, is several autograd nodes), and at the latest until the backward pass ends."""
+        state, count = {}, len(inputs)  # the closures keep the count, not the tensors
 
-class _FlushedCall(torch.autograd.Function):
-    """Runs `function` on detached inputs under the flush and keeps its graph; the backward differentiates that graph
-    under the flush again."""
+        def finish(*_):
+            if "token" in state:
+                self.exit(state.pop("token"))
 
-    @staticmethod
-    def forward(ctx, flush, function, *tensors):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
-        token = flush.enter(tensors[0])
-        try:
-            with torch.enable_grad():
-                output = function(*inputs)
-        finally:
-            flush.exit(token)
-        ctx.flush, ctx.inputs, ctx.output = flush, inputs, output
-        return output.detach()
+        def start(grad_outputs):
+            if "token" not in state:
+                state["token"], state["left"] = self.enter(torch.device("cpu")), count
+                torch.autograd.Variable._execution_engine.queue_callback(finish)  # the safety net
 
-    @staticmethod
-    def backward(ctx, grad):
-        flags = [t.requires_grad for t in ctx.inputs]
-        token = ctx.flush.enter(grad)
-        try:
-            wanted = [t for t in ctx.inputs if t.requires_grad]
-            grads = iter(torch.autograd.grad(ctx.output, wanted, grad, allow_unused=True))
-        finally:
-            ctx.flush.exit(token)
-        del ctx.inputs, ctx.output
-        return None, None, *(next(grads) if flag else None for flag in flags)
+        def arrived(grad):
+            state["left"] = state.get("left", 1) - 1
+            if state["left"] == 0:
+                finish()
+
+        node.register_prehook(start)  # the hooks hold no tensor: nothing outlives what autograd itself keeps
+        for tensor in inputs:
+            tensor.register_hook(arrived)
 
 
 denormal_flush = DenormalFlush()
@@ -331,12 +328,17 @@ def _provider(module: nn.Module, attention_mask) -> nn.Module:
 
 
 def _starts_together(masks: ScoreBiasMask) -> bool:
-    """The first query sits at the first key: a prefill, nothing cached before it."""
+    """The first query sits at the first key: a prefill, nothing cached before it. Under torch.compile the positions
+    are not known while tracing, so this answers False (the chunked path is right for any positions)."""
+    if torch.compiler.is_compiling():
+        return False
     return int(masks.q_positions[0]) == int(masks.kv_positions[0])
 
 
 def _queries_end_with_keys(masks: ScoreBiasMask) -> bool:
-    """The last query sits at the last key: no unfilled StaticCache slots after the queries."""
+    """The last query sits at the last key: no unfilled StaticCache slots after the queries (False under compile)."""
+    if torch.compiler.is_compiling():
+        return False
     return int(masks.q_positions[-1]) == int(masks.kv_positions[-1])
 
 
