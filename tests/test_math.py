@@ -87,6 +87,20 @@ def test_alibi_bias_symmetric_and_float32(offset, dtype):
     assert (bias[:, 0, 1:] < 0).all()
 
 
+@pytest.mark.parametrize("heads", [1, 6, 12])
+def test_alibi_module_equals_alibi_bias(heads):
+    """The provider the models use gives `alibi_bias` (the function checked against BLOOM) bit for bit, for cache
+    offsets too, and its table of distances holds the same values."""
+    from hf_posenc.modeling.posenc_attention import AlibiBias
+
+    provider = AlibiBias(heads, max_bias=8.0, slope_multiplier=0.5)
+    q_positions, kv_positions = torch.arange(90, 100), torch.arange(100)
+    expected = hf_posenc.alibi_bias(hf_posenc.alibi_slopes(heads) * 0.5, q_positions, kv_positions)
+    assert torch.equal(provider(q_positions, kv_positions), expected)
+    table = provider.by_distance(kv_positions - 90)  # every key against the first query, at position 90
+    assert torch.equal(table, expected[:, 0])
+
+
 # ------------------------------------------------------------------------------------------------------------ T5 bias
 
 

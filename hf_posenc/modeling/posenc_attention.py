@@ -31,14 +31,27 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-from .posenc_schemes import alibi_bias, alibi_slopes, get_scheme, t5_relative_position_bucket
+from .posenc_schemes import alibi_slopes, get_scheme, t5_relative_position_bucket
 
 # --------------------------------------------------------------------------------------------------------------------
 # Bias providers
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class AlibiBias(nn.Module):
+class RelativeBias(nn.Module):
+    """A bias that depends on the distance `key - query` only. Subclasses give `by_distance`; the (Q, K) block of any
+    query and key positions, and the flex path's table of distances, both come from it."""
+
+    def forward(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+        """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
+        return self.by_distance(kv_positions[None, :] - q_positions[:, None])  # memory minus query, as in T5
+
+    def by_distance(self, relative: torch.Tensor) -> torch.Tensor:
+        """Relative positions `key - query` of any shape S -> (H, *S) float32 bias."""
+        raise NotImplementedError
+
+
+class AlibiBias(RelativeBias):
     """ALiBi: `-slope_h * |i - j|` (Press et al., https://arxiv.org/abs/2108.12409). No parameters.
 
     `slope_multiplier` scales every slope (for evaluating at lengths other than the training length).
@@ -54,19 +67,15 @@ class AlibiBias(nn.Module):
             self._slopes[device] = (alibi_slopes(self.num_heads, self.max_bias) * self.slope_multiplier).to(device)
         return self._slopes[device]
 
-    def forward(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
-        """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
-        return alibi_bias(self.slopes(q_positions.device), q_positions, kv_positions)
-
     def by_distance(self, relative: torch.Tensor) -> torch.Tensor:
-        """(R,) relative positions `key - query` -> (H, R) float32 bias."""
-        return -self.slopes(relative.device)[:, None] * relative.abs().to(torch.float32)[None]
+        slopes = self.slopes(relative.device).view(-1, *(1,) * relative.dim())
+        return -slopes * relative.abs().to(torch.float32)
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, max_bias={self.max_bias}, slope_multiplier={self.slope_multiplier}"
 
 
-class T5RelativeBias(nn.Module):
+class T5RelativeBias(RelativeBias):
     """T5's learned bias per (bucket of key - query, head), one table shared by all layers (Raffel et al., 2020)."""
 
     def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False):
@@ -74,13 +83,7 @@ class T5RelativeBias(nn.Module):
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
 
-    def forward(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
-        """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
-        relative = kv_positions[None, :] - q_positions[:, None]  # (Q, K), memory minus query as in T5
-        return self.by_distance(relative)
-
     def by_distance(self, relative: torch.Tensor) -> torch.Tensor:
-        """Relative positions `key - query` of any shape S -> (H, *S) float32 bias."""
         buckets = t5_relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).movedim(-1, 0).float()
 
@@ -327,19 +330,13 @@ def _provider(module: nn.Module, attention_mask) -> nn.Module:
     return provider
 
 
-def _starts_together(masks: ScoreBiasMask) -> bool:
-    """The first query sits at the first key: a prefill, nothing cached before it. Under torch.compile the positions
-    are not known while tracing, so this answers False (the chunked path is right for any positions)."""
+def _query_meets_key(masks: ScoreBiasMask, index: int) -> bool:
+    """Whether query `index` sits at key `index`: 0 for a prefill (nothing cached before it), -1 for queries ending
+    at the last key (no unfilled StaticCache slots after them). Under torch.compile the positions are not known while
+    tracing, so this answers False, which sends the call to a path that is right for any positions."""
     if torch.compiler.is_compiling():
         return False
-    return int(masks.q_positions[0]) == int(masks.kv_positions[0])
-
-
-def _queries_end_with_keys(masks: ScoreBiasMask) -> bool:
-    """The last query sits at the last key: no unfilled StaticCache slots after the queries (False under compile)."""
-    if torch.compiler.is_compiling():
-        return False
-    return int(masks.q_positions[-1]) == int(masks.kv_positions[-1])
+    return int(masks.q_positions[index]) == int(masks.kv_positions[index])
 
 
 #: bytes one query chunk's fp32 bias-and-mask block (B x H x chunk x K) may take in posenc_sdpa
@@ -441,7 +438,7 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     # prefill; keys past the queries are unfilled StaticCache slots). A decode step (one query) is faster chunked
     # anyway: one (H, K) bias row instead of extended copies of the whole cache.
     column_trick_exact = isinstance(provider, AlibiBias) and masks.mask is None and masks.causal
-    if column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1 and _starts_together(masks):
+    if column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1 and _query_meets_key(masks, 0):
         return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout)
     return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout)
 
@@ -528,7 +525,7 @@ def flash_applies(query, provider, masks: ScoreBiasMask) -> bool:
         and masks.mask is None
         and query.device.type == "cuda"
         and query.dtype in (torch.float16, torch.bfloat16)
-        and _queries_end_with_keys(masks)
+        and _query_meets_key(masks, -1)
         and (masks.causal or len(masks.q_positions) == len(masks.kv_positions))
     )
 

@@ -1,6 +1,6 @@
 """`hf-posenc bench`: what each position scheme costs, as ratios to a reference measured in the same run.
 
-Three tables, each path timed on the same inputs (warm-up, then the median of repeats):
+Three tables, each path timed on the same inputs (warm-up, then the median of repeats, the paths taking turns):
 
 - attention: every score-bias path against plain causal SDPA (no bias) at each length: forward and forward+backward
   seconds, tokens/s and peak memory growth (see `PeakMemory`), each as a ratio to causal SDPA, and to the stock
@@ -104,11 +104,6 @@ def time_calls(functions: dict, repeats: int, warmup: int = 2) -> dict:
             synchronize()
             seconds[name].append(time.perf_counter() - began)
     return {name: statistics.median(values) for name, values in seconds.items()}
-
-
-def time_call(function, repeats: int, warmup: int = 2) -> float:
-    """Median seconds of `repeats` calls after `warmup` calls (synchronising a GPU)."""
-    return time_calls({"call": function}, repeats, warmup)["call"]
 
 
 def _forward_backward(function, q, k, v) -> None:
