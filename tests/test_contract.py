@@ -38,11 +38,12 @@ def test_forward_backward(arch, case):
 @pytest.mark.parametrize("case", [c for c in SCHEME_CASES if c != "nope"])
 def test_scheme_takes_effect(arch, case):
     """With the same weights, every scheme computes a different function from NoPE: none is a silent no-op."""
-    model = build(arch, SCHEME_CASES[case])
+    sharp = {"initializer_range": 0.2}  # std 0.02 keeps attention near uniform and position effects near 1e-3
+    model = build(arch, SCHEME_CASES[case], config_overrides=sharp)
     x = tokens()
-    nope = build(arch, "nope")
+    nope = build(arch, "nope", config_overrides=sharp)
     nope.load_state_dict(model.state_dict(), strict=False)
-    assert (logits(model, x) - logits(nope, x)).abs().max() > 1e-3
+    assert (logits(model, x) - logits(nope, x)).abs().max() > 0.1
 
 
 def test_position_shift(arch, case):

@@ -41,12 +41,11 @@ def test_forward_backward(encoder, case):
 @pytest.mark.parametrize("case", [c for c in SCHEME_CASES if c != "nope"])
 def test_scheme_takes_effect(encoder, case):
     """With the same weights, every scheme computes a different function from NoPE: none is a silent no-op."""
-    model = build(encoder, SCHEME_CASES[case])
-    nope = build(encoder, "nope")
+    sharp = {"initializer_range": 0.2}  # BERT's std 0.02 keeps attention near uniform and position effects near 1e-5
+    model = build(encoder, SCHEME_CASES[case], config_overrides=sharp)
+    nope = build(encoder, "nope", config_overrides=sharp)
     nope.load_state_dict(model.state_dict(), strict=False)
-    # BERT's initialisation (std 0.02) keeps attention near uniform, so position effects are small but far above
-    # float noise (~1e-7)
-    assert (logits(model, tokens()) - logits(nope, tokens())).abs().max() > 1e-5
+    assert (logits(model, tokens()) - logits(nope, tokens())).abs().max() > 0.1
 
 
 def test_position_shift(encoder, case):

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.t5.modeling_t5 import T5Attention
 
 import hf_posenc
-from hf_posenc.modeling.posenc_layers import PosencRotaryEmbedding
+from hf_posenc.modeling.posenc_layers import PairRotaryEmbedding, PosencRotaryEmbedding
 
 HEAD_DIM = 16  # 64 / 4 heads in both tiny configs
 
@@ -263,26 +263,137 @@ def test_sinusoidal_any_shape():
     assert math.isclose(table[0, 1, 0].item(), math.sin(1.0), rel_tol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("partial", [1.0, 0.5])
-def test_apply_rope_equals_transformers(dtype, partial):
-    """The plugin's rotary step (GPT-2, BERT) equals transformers' apply_rotary_pos_emb, forward and backward, on
-    strided q/k as attention modules make them, per-row positions and padded partial-rotary tables."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from hf_posenc.modeling.posenc_layers import apply_rope
-
+def _rope_reference_pair(dtype, partial):
+    """Strided (B, H, T, D) q/k as attention modules make them and the complex turns of per-row positions."""
     config = hf_posenc.with_posenc(
         AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=64),
         {"type": "rope", "partial_rotary_factor": partial},
     )
     positions = torch.stack([torch.arange(5, 45), torch.arange(40)])
+    torch.manual_seed(0)
     query, key = (torch.randn(2, 40, 4, 16, dtype=torch.float64).transpose(1, 2).to(dtype) for _ in range(2))
-    cos, sin = PosencRotaryEmbedding(config)(query, positions)
-    ours = apply_rope(query.requires_grad_(), key.requires_grad_(), cos, sin)
-    grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(ours, (1.0, 2.0))), (query, key))
-    theirs = apply_rotary_pos_emb(query, key, cos, sin)
-    expected = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(theirs, (1.0, 2.0))), (query, key))
-    tolerance = dict(atol=2e-2, rtol=1e-2) if dtype == torch.bfloat16 else {}
-    for a, b in zip((*ours, *grads), (*theirs, *expected)):
-        torch.testing.assert_close(a, b, **tolerance)
+    return query.requires_grad_(), key.requires_grad_(), PairRotaryEmbedding(config)(query, positions)
+
+
+def _outputs_and_grads(rotate, query, key):
+    outputs = rotate(query, key)
+    grads = torch.autograd.grad(sum((o.float() * w).sum() for o, w in zip(outputs, (1.0, 2.0))), (query, key))
+    return (*outputs, *grads)
+
+
+ROPE_TOLERANCE = {torch.bfloat16: dict(atol=2e-2, rtol=1e-2), torch.float16: dict(atol=2e-3, rtol=1e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_apply_rope_equals_transformers_gptj(dtype, partial):
+    """The plugin's rotary step (GPT-2, BERT) turns adjacent pairs: it equals transformers' GPT-J rotary step, forward
+    and backward, on strided q/k, per-row positions and padded partial-rotary tables."""
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rotary
+
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    query, key, turns = _rope_reference_pair(dtype, partial)
+    ours = _outputs_and_grads(lambda q, k: apply_rope(q, k, turns), query, key)
+    cos, sin = turns.to(dtype).unbind(-1)  # the same angles, in GPT-J's form
+
+    def gptj(q, k):  # GPT-J: (B, T, H, D) tensors and (B, T, D/2) tables
+        return tuple(gptj_rotary(x.transpose(1, 2), sin, cos).transpose(1, 2) for x in (q, k))
+
+    theirs = _outputs_and_grads(gptj, query, key)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, **ROPE_TOLERANCE.get(dtype, {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_apply_rope_is_llama_rope_on_permuted_dimensions(dtype):
+    """Adjacent pairs vs Llama's half-split pairs differ by one fixed permutation of the head dimensions: applying it
+    to q and k before Llama's apply_rotary_pos_emb gives the plugin's result permuted the same way, so q.k is equal."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    query, key, turns = _rope_reference_pair(dtype, 1.0)
+    halves = torch.cat((torch.arange(0, 16, 2), torch.arange(1, 16, 2)))  # adjacent-pair layout -> half-split layout
+    cos, sin = (torch.cat((t, t), dim=-1).to(dtype) for t in turns.unbind(-1))  # the same angles, Llama's form
+    ours = apply_rope(query, key, turns)
+    theirs = apply_rotary_pos_emb(query[..., halves], key[..., halves], cos, sin)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a[..., halves], b)
+    torch.testing.assert_close(ours[0] @ ours[1].transpose(-1, -2), theirs[0] @ theirs[1].transpose(-1, -2))
+
+
+def test_apply_rope_any_layout():
+    """q/k whose memory cannot be viewed as complex pairs (odd offset or stride, a non-unit last stride) are rotated
+    all the same."""
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    query, key, turns = _rope_reference_pair(torch.float64, 1.0)
+    query, key = query.detach(), key.detach()
+    expected = apply_rope(query.contiguous(), key.contiguous(), turns)
+    odd_offset = torch.randn(1 + query.numel(), dtype=torch.float64)[1:].view(query.shape).copy_(query)
+    transposed_last = key.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for a, b in zip(apply_rope(odd_offset, transposed_last, turns), expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_apply_rope_blocks_of_rows(monkeypatch, dtype):
+    """bf16/fp16 q/k go through fp32 in blocks of rows on the CPU: any block size gives the same result, forward and
+    backward, down to the bit."""
+    from hf_posenc.modeling import posenc_layers
+
+    query, key, turns = _rope_reference_pair(dtype, 1.0)
+    rotate = lambda q, k: posenc_layers.apply_rope(q, k, turns)  # noqa: E731
+    whole = _outputs_and_grads(rotate, query, key)
+    monkeypatch.setattr(posenc_layers, "TURN_WHOLE_BYTES", 0)
+    monkeypatch.setattr(posenc_layers, "TURN_BLOCK_BYTES", 3 * 4 * query[..., :1, :].numel())  # 3 rows, 40 = 13*3+1
+    for a, b in zip(_outputs_and_grads(rotate, query, key), whole):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [{}, {"rope_type": "yarn", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0}, {"rope_type": "longrope"}],
+)
+def test_pair_rotary_turns_are_the_cos_sin_tables(rope):
+    """PairRotaryEmbedding's turns are the (cos, sin) pairs of PosencRotaryEmbedding's tables (attention_scaling and
+    dynamic growth included), in fp32 for a bf16 model and fp64 for an fp64 one."""
+    if rope.get("rope_type") == "longrope":
+        rope = {
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 8,
+            "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 32,
+        }
+    config = hf_posenc.with_posenc(
+        AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=64),
+        {"type": "rope", **rope},
+    )
+    positions = torch.stack([torch.arange(100, 180), torch.arange(80)])  # past 64: dynamic grows, longrope goes long
+    for dtype, expected in (
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+    ):
+        x = torch.zeros(1, dtype=dtype)
+        turns = PairRotaryEmbedding(config)(x, positions)
+        cos, sin = PosencRotaryEmbedding(config)(x.float() if dtype == torch.bfloat16 else x, positions)
+        assert turns.dtype == expected and turns.shape == (2, 80, 8, 2)
+        torch.testing.assert_close(turns[..., 0], cos[..., :8].to(expected))
+        torch.testing.assert_close(turns[..., 1], sin[..., :8].to(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_traced(dtype):
+    """Under torch.compile the rotary step is real arithmetic (which inductor fuses); it gives the eager result,
+    forward and backward."""
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    torch._dynamo.reset()
+    query, key, turns = _rope_reference_pair(dtype, 0.5)
+    compiled = torch.compile(apply_rope, fullgraph=True, backend="aot_eager")
+    traced = _outputs_and_grads(lambda q, k: compiled(q, k, turns), query, key)
+    for a, b in zip(traced, _outputs_and_grads(lambda q, k: apply_rope(q, k, turns), query, key)):
+        torch.testing.assert_close(a, b, **ROPE_TOLERANCE.get(dtype, {}))

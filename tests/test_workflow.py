@@ -252,8 +252,10 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     assert {row["path"] for row in decode} >= {"decode step: " + bench.REFERENCE, "decode step: alibi: no padding"}
     assert {row["path"] for row in rows if "forward_x_stock" in row} >= {bench.STOCK_ALIBI, "alibi: column trick"}
     assert {(row["length"], row["dtype"]) for row in results["rotary"]} == {
-        (n, d) for n in (64, 128) for d in ("float32", "bfloat16")
+        (n, d) for n in (1, 64, 128) for d in ("float32", "bfloat16", "float16")
     }
+    passes = ("forward", "forward_backward")
+    assert all(row[f"{p}_ours_x_transformers"] > 0 for row in results["rotary"] for p in passes)
     models = {(row["arch"], row["model"]): row for row in results["models"]}
     assert (
         models["gpt2", "posenc nope"]["speed_x_nope"] == 1.0

@@ -23,8 +23,8 @@ from .configuration_posenc_gpt2 import PosencGPT2Config
 from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
 from .posenc_layers import (
     LearnedPositionEmbedding,
+    PairRotaryEmbedding,
     PosencPreTrainedMixin,
-    PosencRotaryEmbedding,
     ZeroPositionEmbedding,
     attend,
     default_position_ids,
@@ -92,7 +92,7 @@ class PosencGPT2Model(PosencPreTrainedMixin, GPT2Model):
         else:
             table = input_position_module(posenc, self.embed_dim, self.wte)
             self.wpe = table if table is not None else ZeroPositionEmbedding()
-        self.rotary_emb = PosencRotaryEmbedding(self.config) if get_scheme(posenc["type"]).site == "rotation" else None
+        self.rotary_emb = PairRotaryEmbedding(self.config) if get_scheme(posenc["type"]).site == "rotation" else None
         for block in self.h:
             upgrade(block.attn, PosencGPT2Attention)
         provider = score_bias_module(posenc, self.config.n_head, bidirectional=False)

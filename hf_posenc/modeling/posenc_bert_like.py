@@ -17,7 +17,7 @@ from transformers.models.bert.modeling_bert import eager_attention_forward
 from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
 from .posenc_layers import (
     LearnedPositionEmbedding,
-    PosencRotaryEmbedding,
+    PairRotaryEmbedding,
     ZeroPositionEmbedding,
     attend,
     default_position_ids,
@@ -72,7 +72,7 @@ class BertLikeAdapter:
                 posenc, config.hidden_size, embeddings.word_embeddings, padding_idx=stock_table.padding_idx
             )
             embeddings.position_embeddings = table if table is not None else ZeroPositionEmbedding()
-        self.rotary_emb = PosencRotaryEmbedding(config) if site == "rotation" else None
+        self.rotary_emb = PairRotaryEmbedding(config) if site == "rotation" else None
         for attention in self._self_attentions():
             upgrade(attention, self.posenc_attention_class)
         provider = score_bias_module(posenc, config.num_attention_heads, bidirectional=not config.is_decoder)

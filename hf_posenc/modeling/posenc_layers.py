@@ -137,58 +137,124 @@ class PosencRotaryEmbedding(nn.Module):
         exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
         return 1.0 / (params["rope_theta"] ** exponents), 1.0
 
-    @torch.no_grad()
-    @dynamic_rope_update
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T) positions -> cos, sin of shape (B, T, D) in x's dtype."""
+    def angles(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) positions -> the (B, T, D/2) fp32 angles, one per rotated pair."""
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
         missing = self.head_dim // 2 - inv_freq.shape[0] if self.pad_to_head_dim else 0
         if missing:  # partial rotary: zero frequency for the pass-through pairs
             inv_freq = torch.cat((inv_freq, inv_freq.new_zeros(missing)))
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2), fp32
+        return position_ids[..., None].float() * inv_freq
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions -> cos, sin of shape (B, T, D) in x's dtype."""
+        freqs = self.angles(x, position_ids)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
-class _RotateHalves(torch.autograd.Function):
-    """`x * cos + rotate_half(x) * sin` for (B, H, T, D) q and k with (B, 1, T, D) cos and (B, 1, T, D/2) sin: one
-    multiply and two in-place multiply-adds on the halves per tensor, where transformers' `apply_rotary_pos_emb` builds
-    `rotate_half(x)` (a negation and a concatenation) and three more full-size temporaries. The rotation is
-    orthogonal, so the backward is the same step with -sin."""
+class PairRotaryEmbedding(PosencRotaryEmbedding):
+    """The rotary table of `apply_rope`, for architectures whose rotary step the plugin owns (GPT-2, BERT-like):
+    (B, T, D/2, 2) turns, `attention_scaling * (cos, sin)` of each pair's angle, computed once per forward like every
+    rotary module's cos/sin. fp32 (fp64 for an fp64 model): a bf16 model gets fp32 turns, not bf16-rounded tables."""
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        angles = self.angles(x, position_ids).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        return torch.stack((angles.cos(), angles.sin()), dim=-1) * self.attention_scaling
+
+
+#: A bf16/fp16 q or k goes through fp32 (they have no complex type) in one piece up to TURN_WHOLE_BYTES of fp32, and on
+#: the CPU in blocks of rows of TURN_BLOCK_BYTES beyond: blocks stay in cache between the conversion, the multiply and
+#: the rounding, and keep the allocator from mapping fresh pages on every call (measured with `hf-posenc bench`).
+TURN_WHOLE_BYTES = 4 << 20
+TURN_BLOCK_BYTES = 2 << 20
+
+
+def _as_pairs(x: torch.Tensor) -> torch.Tensor:
+    """(..., D) fp32/fp64 -> (..., D/2) complex view of the adjacent pairs (2i, 2i+1): a view where the layout allows
+    (strided q/k from a fused projection do), a copy otherwise."""
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(stride % 2 for stride in x.stride()[:-1]):
+        x = x.clone(memory_format=torch.contiguous_format)  # .contiguous() would keep an odd offset
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """Turn the adjacent pairs of (B, H, T, D) x by (B, 1, T, D/2) complex turns, rounding once to x's dtype."""
+    wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32  # bf16/fp16 have no complex type
+    if x.dtype == wide:
+        return torch.view_as_real(_as_pairs(x) * turns).flatten(-2)
+    if x.is_cuda or x.numel() * wide.itemsize <= TURN_WHOLE_BYTES:
+        return torch.view_as_real(_as_pairs(x.to(wide)) * turns).flatten(-2).to(x.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    length = x.shape[-2]
+    rows = max(1, TURN_BLOCK_BYTES * length // (x.numel() * wide.itemsize))
+    for start in range(0, length, rows):
+        block = slice(start, start + rows)
+        turned = _as_pairs(x[..., block, :].to(wide)) * turns[..., block, :]
+        out[..., block, :].copy_(torch.view_as_real(turned).flatten(-2))
+    return out
+
+
+def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_turn` of q and of k. Small bf16/fp16 ones, which cost what their calls cost, go through as one stack."""
+    if (
+        query.dtype not in (torch.float32, torch.float64)
+        and query.shape == key.shape
+        and 8 * query.numel() <= TURN_WHOLE_BYTES
+    ):
+        return tuple(_turn(torch.stack((query, key)), turns).unbind())
+    return _turn(query, turns), _turn(key, turns)
+
+
+class _TurnPairs(torch.autograd.Function):
+    """q and k turned by one complex multiply each; the turns have modulus `attention_scaling`, so the backward is
+    the same multiply by their conjugate (a multiply's transpose, whatever the modulus)."""
 
     @staticmethod
-    def rotate(x: torch.Tensor, cos: torch.Tensor, sin_half: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        out = x * cos
-        out[..., :half].addcmul_(x[..., half:], sin_half, value=-1)
-        out[..., half:].addcmul_(x[..., :half], sin_half)
-        return out
-
-    @staticmethod
-    def forward(ctx, query, key, cos, sin_half):
-        ctx.save_for_backward(cos, sin_half)
-        return _RotateHalves.rotate(query, cos, sin_half), _RotateHalves.rotate(key, cos, sin_half)
+    def forward(ctx, query, key, turns):
+        ctx.save_for_backward(turns)
+        return _turn_both(query, key, turns)
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
-        cos, sin_half = ctx.saved_tensors
-        grads = (None if g is None else _RotateHalves.rotate(g, cos, -sin_half) for g in (grad_query, grad_key))
-        return *grads, None, None
+        return *_turn_both(grad_query, grad_key, ctx.saved_tensors[0].conj()), None  # unused outputs get zeros
 
 
-def apply_rope(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """RoPE on (B, H, T, D) q and k with (B, T, D) tables in the half-split layout of transformers'
-    `apply_rotary_pos_emb` (same result, about twice as fast; see `hf-posenc bench`). The tables' two halves are
-    equal, as `PosencRotaryEmbedding` makes them; the tables carry no gradient."""
-    return _RotateHalves.apply(query, key, cos.unsqueeze(1), sin[..., : sin.shape[-1] // 2].unsqueeze(1))
+def _turn_traced(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """`_turn` in real arithmetic, for torch.compile: inductor fuses it into one kernel, forward and backward, where
+    it would leave complex operators to eager kernels."""
+    cos, sin = turns.unbind(-1)
+    even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+    return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
+def apply_rope(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor):
+    """RoPE on (B, H, T, D) q and k with the (B, T, D/2, 2) turns of `PairRotaryEmbedding`.
+
+    Pairs are adjacent dimensions (2i, 2i+1) turned by frequency i: the layout of RoFormer and of transformers' GPT-J,
+    where Llama's `apply_rotary_pos_emb` pairs dimension i with i + D/2 (a fixed permutation of the head dimensions,
+    which q.k does not see). Adjacent pairs are complex numbers, so the rotation is one complex multiply per tensor,
+    forward and backward: about the cost of copying q and k, where the half-split form needs several passes (see
+    `hf-posenc bench`). bf16/fp16 are computed in fp32 and rounded once. Used where the plugin owns the rotary step
+    (GPT-2, BERT-like models); architectures with a native rotary step keep their own.
+    """
+    if torch.compiler.is_compiling():
+        return _turn_traced(query, turns.unsqueeze(1)), _turn_traced(key, turns.unsqueeze(1))
+    turns = torch.view_as_complex(turns.contiguous()).unsqueeze(1)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return _TurnPairs.apply(query, key, turns)
+    return _turn_both(query, key, turns)
 
 
 def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings, past_key_values):
     """RoPE on q and k (B, H, T, D), then the self-attention cache update: the order every rotary model keeps, so the
     cache holds rotated keys. For attention modules of architectures without a rotary step of their own."""
-    query, key = apply_rope(query, key, *position_embeddings)
+    query, key = apply_rope(query, key, position_embeddings)
     if past_key_values is not None:
         cache = past_key_values
         if isinstance(cache, EncoderDecoderCache):

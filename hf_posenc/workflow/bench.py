@@ -6,7 +6,7 @@ Three tables, each path timed on the same inputs (warm-up, then the median of re
   seconds, tokens/s and peak memory growth (see `PeakMemory`), each as a ratio to causal SDPA, and to the stock
   transformers way of adding ALiBi (BLOOM/MPT: a dense bias in eager attention) where that fits in memory;
 - rotary: the plugin's rotary step (GPT-2, BERT) against transformers' `apply_rotary_pos_emb` and the time to copy q
-  and k, in fp32 and bf16;
+  and k, forward and forward+backward, in fp32, bf16 and fp16, from a decode step (S=1) up;
 - models: one training step of a whole model per scheme at one length: tokens/s, as a ratio to the same posenc model
   with NoPE and to the stock transformers model (its native scheme).
 
@@ -184,8 +184,8 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
     return rows
 
 
-def _copy(*tensors):
-    return [t.clone() for t in tensors]
+def _scaled_copies(query, key):
+    return query * 1, key * 1
 
 
 def _train_step(model, tokens) -> None:
@@ -193,38 +193,51 @@ def _train_step(model, tokens) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def _rotary_step(rotate, q, k, grad=None) -> None:
+    q_out, k_out = rotate(q, k)
+    if grad is not None:
+        torch.autograd.backward((q_out, k_out), (grad, grad))
+        q.grad = k.grad = None
+
+
 def run_rotary(lengths, heads=12, head_dim=64, batch=1, repeats=20) -> list[dict]:
-    """The plugin's rotary step vs transformers' apply_rotary_pos_emb vs copying q and k, on strided (B, H, S, D)
-    q and k as attention modules make them."""
+    """The plugin's rotary step vs transformers' apply_rotary_pos_emb vs copying q and k (`x * 1`, whose backward is
+    a copy too), forward and forward+backward, on strided (B, H, S, D) q and k as a fused qkv projection makes them.
+    Each gets its tables as its rotary module makes them once per forward (not timed): transformers' cos/sin in the
+    model dtype, the plugin's (cos, sin) turns in fp32."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for length in lengths:
-            q, k = (torch.randn(batch, length, heads, head_dim).transpose(1, 2).to(dtype) for _ in range(2))
-            angles = torch.randn(batch, length, head_dim // 2)
-            angles = torch.cat((angles, angles), dim=-1)
-            tables = angles.cos().to(dtype), angles.sin().to(dtype)
+            qkv = torch.randn(batch, length, 3 * heads * head_dim, device=device).to(dtype)
+            q, k = (t.view(batch, length, heads, head_dim).transpose(1, 2) for t in qkv.split(heads * head_dim, -1)[:2])
+            angles = torch.randn(batch, length, head_dim // 2, device=device)
+            turns = torch.stack((angles.cos(), angles.sin()), dim=-1)
+            cos, sin = (torch.cat((t, t), dim=-1).to(dtype) for t in turns.unbind(-1))
+            paths = {
+                "copy": _scaled_copies,
+                "ours": functools.partial(apply_rope, turns=turns),
+                "theirs": functools.partial(apply_rotary_pos_emb, cos=cos, sin=sin),
+            }
             with torch.no_grad():
-                seconds = time_calls(
+                forward = time_calls({n: functools.partial(_rotary_step, f, q, k) for n, f in paths.items()}, repeats)
+            qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
+            grad = torch.randn_like(q)
+            steps = time_calls({n: functools.partial(_rotary_step, f, qg, kg, grad) for n, f in paths.items()}, repeats)
+            row = dict(length=length, dtype=str(dtype).removeprefix("torch."))
+            for name, seconds in (("forward", forward), ("forward_backward", steps)):
+                copy_s, ours, theirs = seconds["copy"], seconds["ours"], seconds["theirs"]
+                row.update(
                     {
-                        "copy": functools.partial(_copy, q, k),
-                        "ours": functools.partial(apply_rope, q, k, *tables),
-                        "theirs": functools.partial(apply_rotary_pos_emb, q, k, *tables),
-                    },
-                    repeats,
+                        f"{name}_copy_s": copy_s,
+                        f"{name}_ours_s": ours,
+                        f"{name}_transformers_s": theirs,
+                        f"{name}_ours_x_copy": ours / copy_s,
+                        f"{name}_transformers_x_copy": theirs / copy_s,
+                        f"{name}_ours_x_transformers": ours / theirs,
+                    }
                 )
-            copy, ours, theirs = seconds["copy"], seconds["ours"], seconds["theirs"]
-            rows.append(
-                dict(
-                    length=length,
-                    dtype=str(dtype).removeprefix("torch."),
-                    copy_s=copy,
-                    ours_s=ours,
-                    transformers_s=theirs,
-                    ours_x_copy=ours / copy,
-                    transformers_x_copy=theirs / copy,
-                    ours_x_transformers=ours / theirs,
-                )
-            )
+            rows.append(row)
     return rows
 
 
@@ -299,7 +312,7 @@ def run_bench(
     if "attention" in sections:
         results["attention"] = run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max)
     if "rotary" in sections:
-        results["rotary"] = run_rotary([n for n in lengths if n <= 8192], heads, head_dim, batch)
+        results["rotary"] = run_rotary([1, *(n for n in lengths if n <= 8192)], heads, head_dim, batch)
     if "models" in sections:
         results["models"] = run_models(model_length, repeats=repeats)
     return results
@@ -337,16 +350,18 @@ def markdown(results: dict) -> str:
         out.append("")
     if "rotary" in results:
         out += [
-            "### Rotary step (q and k together)",
+            "### Rotary step (q and k together; S=1 is a decode step)",
             "",
-            "| S | dtype | copy s | ours s | transformers s | ours x copy | transformers x copy | ours x transf. |",
-            "|---|---|---|---|---|---|---|---|",
+            "| S | dtype | pass | copy s | ours s | transf. s | ours x copy | transf. x copy | ours x transf. |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in results["rotary"]:
-            cells = [str(row["length"]), row["dtype"]]
-            cells += [_number(row, key, 5) for key in ("copy_s", "ours_s", "transformers_s")]
-            cells += [_number(row, key) for key in ("ours_x_copy", "transformers_x_copy", "ours_x_transformers")]
-            out.append("| " + " | ".join(cells) + " |")
+            for name, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd")):
+                cells = [str(row["length"]), row["dtype"], label]
+                cells += [_number(row, f"{name}_{key}_s", 6) for key in ("copy", "ours", "transformers")]
+                cells += [_number(row, f"{name}_{key}") for key in ("ours_x_copy", "transformers_x_copy")]
+                cells.append(_number(row, f"{name}_ours_x_transformers"))
+                out.append("| " + " | ".join(cells) + " |")
         out.append("")
     if "models" in results:
         out += [
