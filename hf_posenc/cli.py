@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--dense-max", type=int, default=4096, help="longest length for the dense (stock) ALiBi path")
     bench.add_argument("--model-length", type=int, default=1024, help="sequence length of the models table")
     bench.add_argument(
+        "--model-repeats", type=int, default=9, help="training steps timed per model (whole steps drift the most)"
+    )
+    bench.add_argument(
         "--sections", default="attention,rotary,models", help="comma-separated subset of attention,rotary,models"
     )
     bench.add_argument("--out", default="runs/bench.json")
@@ -206,6 +209,7 @@ def _bench(args) -> int:
         backward_max=args.backward_max,
         dense_max=args.dense_max,
         model_length=args.model_length,
+        model_repeats=args.model_repeats,
         sections=sections,
     )
     print(markdown(results))

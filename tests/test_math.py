@@ -347,7 +347,7 @@ def test_apply_rope_blocks_of_rows(monkeypatch, dtype):
     query, key, turns = _rope_reference_pair(dtype, 1.0)
     rotate = lambda q, k: posenc_layers.apply_rope(q, k, turns)  # noqa: E731
     whole = _outputs_and_grads(rotate, query, key)
-    monkeypatch.setattr(posenc_layers, "TURN_WHOLE_BYTES", 0)
+    monkeypatch.setattr(posenc_layers, "TURN_STACK_BYTES", 0)
     monkeypatch.setattr(posenc_layers, "TURN_BLOCK_BYTES", 3 * 4 * query[..., :1, :].numel())  # 3 rows, 40 = 13*3+1
     for a, b in zip(_outputs_and_grads(rotate, query, key), whole):
         assert torch.equal(a, b)

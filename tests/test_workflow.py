@@ -242,6 +242,7 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     )
     out = tmp_path / "bench.json"
     command = ["bench", "--lengths", "64,128", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
+    command += ["--model-repeats", "1"]
     assert main([*command, "--model-length", "32", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     rows = [row for row in results["attention"] if "flex" not in row["path"] and "decode" not in row["path"]]

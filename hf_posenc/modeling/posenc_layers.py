@@ -168,11 +168,12 @@ class PairRotaryEmbedding(PosencRotaryEmbedding):
         return torch.stack((angles.cos(), angles.sin()), dim=-1) * self.attention_scaling
 
 
-#: A bf16/fp16 q or k goes through fp32 (they have no complex type) in one piece up to TURN_WHOLE_BYTES of fp32, and on
-#: the CPU in blocks of rows of TURN_BLOCK_BYTES beyond: blocks stay in cache between the conversion, the multiply and
-#: the rounding, and keep the allocator from mapping fresh pages on every call (measured with `hf-posenc bench`).
-TURN_WHOLE_BYTES = 4 << 20
-TURN_BLOCK_BYTES = 2 << 20
+#: bf16/fp16 q and k go through fp32 (they have no complex type). Small ones, whose cost is the number of calls, go
+#: as one stack of both up to TURN_STACK_BYTES of fp32; larger ones on the CPU in blocks of rows of TURN_BLOCK_BYTES,
+#: which stay in cache between the conversion, the multiply and the rounding and keep the allocator from mapping
+#: fresh pages on every call (chosen with `hf-posenc bench`'s rotary rows).
+TURN_STACK_BYTES = 256 << 10
+TURN_BLOCK_BYTES = 4 << 20
 
 
 def _as_pairs(x: torch.Tensor) -> torch.Tensor:
@@ -188,11 +189,11 @@ def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32  # bf16/fp16 have no complex type
     if x.dtype == wide:
         return torch.view_as_real(_as_pairs(x) * turns).flatten(-2)
-    if x.is_cuda or x.numel() * wide.itemsize <= TURN_WHOLE_BYTES:
-        return torch.view_as_real(_as_pairs(x.to(wide)) * turns).flatten(-2).to(x.dtype)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     length = x.shape[-2]
-    rows = max(1, TURN_BLOCK_BYTES * length // (x.numel() * wide.itemsize))
+    rows = length if x.is_cuda else max(1, TURN_BLOCK_BYTES * length // max(1, x.numel() * wide.itemsize))
+    if rows >= length:
+        return torch.view_as_real(_as_pairs(x.to(wide)) * turns).flatten(-2).to(x.dtype)
+    out = torch.empty_like(x)  # in x's stride order, as the fp32 blocks are: the rounding copy does not transpose
     for start in range(0, length, rows):
         block = slice(start, start + rows)
         turned = _as_pairs(x[..., block, :].to(wide)) * turns[..., block, :]
@@ -205,7 +206,7 @@ def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor) -> t
     if (
         query.dtype not in (torch.float32, torch.float64)
         and query.shape == key.shape
-        and 8 * query.numel() <= TURN_WHOLE_BYTES
+        and 8 * query.numel() <= TURN_STACK_BYTES
     ):
         return tuple(_turn(torch.stack((query, key)), turns).unbind())
     return _turn(query, turns), _turn(key, turns)

@@ -305,6 +305,7 @@ def run_bench(
     backward_max=4096,
     dense_max=4096,
     model_length=1024,
+    model_repeats=9,
     sections=("attention", "rotary", "models"),
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -314,7 +315,7 @@ def run_bench(
     if "rotary" in sections:
         results["rotary"] = run_rotary([1, *(n for n in lengths if n <= 8192)], heads, head_dim, batch)
     if "models" in sections:
-        results["models"] = run_models(model_length, repeats=repeats)
+        results["models"] = run_models(model_length, repeats=model_repeats)
     return results
 
 
