@@ -295,7 +295,9 @@ def test_gradient_checkpointing_matches(scheme):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("arch", "scheme"), [("llama", "alibi"), ("llama", "t5_bias"), ("gpt2", "rope")])
+@pytest.mark.parametrize(
+    ("arch", "scheme"), [("llama", "alibi"), ("llama", "t5_bias"), ("gpt2", "rope"), ("bert", "rope")]
+)
 def test_compiles_in_one_graph(arch, scheme):
     """torch.compile(fullgraph=True) traces a bias model (no data-dependent branches or host syncs on the positions)
     and a model whose rotary step the plugin owns, and gives the eager logits."""

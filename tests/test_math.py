@@ -264,10 +264,11 @@ def test_sinusoidal_any_shape():
 
 
 def _rope_reference_pair(dtype, partial):
-    """Strided (B, H, T, D) q/k as attention modules make them and the complex turns of per-row positions."""
+    """Strided (B, H, T, D) q/k as attention modules make them and the YaRN turns (modulus > 1) of per-row
+    positions."""
     config = hf_posenc.with_posenc(
         AutoConfig.for_model("llama", hidden_size=64, num_attention_heads=4, max_position_embeddings=64),
-        {"type": "rope", "partial_rotary_factor": partial},
+        {"type": "rope", "rope_type": "yarn", "factor": 4.0, "partial_rotary_factor": partial},  # attention_scaling > 1
     )
     positions = torch.stack([torch.arange(5, 45), torch.arange(40)])
     torch.manual_seed(0)
@@ -397,3 +398,62 @@ def test_apply_rope_traced(dtype):
     traced = _outputs_and_grads(lambda q, k: compiled(q, k, turns), query, key)
     for a, b in zip(traced, _outputs_and_grads(lambda q, k: apply_rope(q, k, turns), query, key)):
         torch.testing.assert_close(a, b, **ROPE_TOLERANCE.get(dtype, {}))
+
+
+def test_apply_rope_mixed_dtypes_and_empty():
+    """The step computes in fp64 when q/k or the turns are fp64 (eager, like the traced form), otherwise in fp32, and
+    rounds once to q's dtype; bf16 turns are accepted; zero-length q/k give zero-length results."""
+    from hf_posenc.modeling.posenc_layers import _turn_traced, apply_rope
+
+    query, key, turns = _rope_reference_pair(torch.float64, 1.0)
+    query, key = query.detach(), key.detach()
+    reference = [_turn_traced(x, turns.unsqueeze(1)) for x in (query, key)]  # real arithmetic, fp64
+    for a, b in zip(
+        apply_rope(query, key, turns.float()),
+        [_turn_traced(x, turns.float().double().unsqueeze(1)) for x in (query, key)],
+    ):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)  # fp64 arithmetic on the fp32 turns' values
+    for a, b in zip(apply_rope(query.float(), key.float(), turns), reference):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b.float(), rtol=0, atol=1e-6)  # computed in fp64, rounded once
+    for a, b in zip(apply_rope(query.bfloat16(), key.bfloat16(), turns.bfloat16()), reference):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b, atol=3e-2, rtol=2e-2)
+    empty = query[..., :0, :]
+    assert all(r.shape == empty.shape for r in apply_rope(empty, empty, turns[:, :0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_rope_outputs_are_not_views(dtype):
+    """Rotated q and k are tensors of their own: an attention function may change them in place under autograd."""
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    query, key, turns = _rope_reference_pair(dtype, 1.0)
+    q_rot, k_rot = apply_rope(query, key, turns)
+    expected = torch.autograd.grad((q_rot.float() * 2).sum() + k_rot.float().sum(), (query, key))
+    q_rot, k_rot = apply_rope(query, key, turns)
+    q_rot.mul_(2)
+    for a, b in zip(torch.autograd.grad(q_rot.float().sum() + k_rot.float().sum(), (query, key)), expected):
+        assert torch.equal(a, b)
+
+
+def test_apply_rope_gradient_to_turns():
+    """Turns that need a gradient (a learned rotary table, say) get it: gradcheck in fp64, with q and k."""
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    query, key, turns = _rope_reference_pair(torch.float64, 1.0)
+    inputs = (query[:1, :, :6], key[:1, :, :6], turns[:1, :6].clone().requires_grad_())
+    assert torch.autograd.gradcheck(apply_rope, inputs)
+
+
+def test_apply_rope_inductor():
+    """Compiled with inductor (the real-arithmetic form) the step gives the eager result, forward and backward."""
+    from hf_posenc.modeling.posenc_layers import apply_rope
+
+    torch._dynamo.reset()
+    query, key, turns = _rope_reference_pair(torch.float32, 1.0)
+    compiled = torch.compile(apply_rope, fullgraph=True)
+    traced = _outputs_and_grads(lambda q, k: compiled(q, k, turns), query, key)
+    for a, b in zip(traced, _outputs_and_grads(lambda q, k: apply_rope(q, k, turns), query, key)):
+        torch.testing.assert_close(a, b)

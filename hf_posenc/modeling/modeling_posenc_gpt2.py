@@ -3,8 +3,8 @@
 Sites on GPT-2:
 - input embedding: the native `wpe` slot keeps the learned table for `learned`, holds the fixed table for
   `sinusoidal`, and holds nothing (an exact zero) for every other scheme;
-- q/k rotation: GPT-2 has none, so `PosencGPT2Attention` rotates q and k before the KV-cache update, with cos/sin
-  computed once per forward by the base model's `rotary_emb`;
+- q/k rotation: GPT-2 has none, so `PosencGPT2Attention` rotates q and k (`apply_rope`, adjacent pairs) before the
+  KV-cache update, with the turns computed once per forward by the base model's `rotary_emb` (`PairRotaryEmbedding`);
 - score bias: one provider on the base model (`position_bias`), shared by every layer's attention.
 """
 

@@ -5,8 +5,9 @@ Part of the `trust_remote_code` closure: imports only torch, transformers and si
 Sites:
 - input embedding: the native `embeddings.position_embeddings` slot keeps the learned table for `learned`, holds the
   fixed table for `sinusoidal` and an exact zero for every other scheme;
-- q/k rotation: BERT has none, so the self-attention rotates q and k before its (decoder-mode) cache update, with
-  cos/sin computed once per forward by the base model's `rotary_emb`;
+- q/k rotation: BERT has none, so the self-attention rotates q and k (`apply_rope`, adjacent pairs) before its
+  (decoder-mode) cache update, with the turns computed once per forward by the base model's `rotary_emb`
+  (`PairRotaryEmbedding`);
 - score bias: one provider on the base model (`position_bias`). Encoders attend both ways, so ALiBi's `-m|i-j|` is
   the symmetric form and T5's buckets are bidirectional; in decoder mode (`is_decoder=True`) they are causal.
 """

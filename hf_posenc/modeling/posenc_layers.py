@@ -3,7 +3,8 @@
 Part of the `trust_remote_code` closure: imports only torch, transformers and sibling files.
 
 - input embedding: `LearnedPositionEmbedding`, `SinusoidalPositionEmbedding`, `ZeroPositionEmbedding`
-- q/k rotation: `PosencRotaryEmbedding` (transformers' `rope_parameters` and init functions), `PositionFreeRotary`
+- q/k rotation: `PosencRotaryEmbedding` (transformers' `rope_parameters` and init functions), `PositionFreeRotary`;
+  where the plugin owns the rotary step (GPT-2, BERT-like), `PairRotaryEmbedding` and `apply_rope`
 - score bias: the providers and attention functions of `posenc_attention.py`, wired in by the adapters here.
 
 Shape legend: B batch, H heads, Q query length, K key/value length, D head dim, T sequence length.
@@ -158,8 +159,9 @@ class PosencRotaryEmbedding(nn.Module):
 
 class PairRotaryEmbedding(PosencRotaryEmbedding):
     """The rotary table of `apply_rope`, for architectures whose rotary step the plugin owns (GPT-2, BERT-like):
-    (B, T, D/2, 2) turns, `attention_scaling * (cos, sin)` of each pair's angle, computed once per forward like every
-    rotary module's cos/sin. fp32 (fp64 for an fp64 model): a bf16 model gets fp32 turns, not bf16-rounded tables."""
+    (B, T, D/2, 2) turns, `attention_scaling * (cos, sin)` of each pair's fp32 angle, computed once per forward like
+    every rotary module's cos/sin. The turns are fp32 (fp64 for an fp64 model), so a bf16 model does not round them to
+    bf16 as transformers' cos/sin tables are."""
 
     @torch.no_grad()
     @dynamic_rope_update
@@ -176,21 +178,33 @@ TURN_STACK_BYTES = 256 << 10
 TURN_BLOCK_BYTES = 4 << 20
 
 
+def _pair_viewable(x: torch.Tensor) -> bool:
+    """Whether `view_as_complex` can view x's adjacent pairs: unit last stride, even offset and other strides."""
+    return x.stride(-1) == 1 and x.storage_offset() % 2 == 0 and all(stride % 2 == 0 for stride in x.stride()[:-1])
+
+
 def _as_pairs(x: torch.Tensor) -> torch.Tensor:
     """(..., D) fp32/fp64 -> (..., D/2) complex view of the adjacent pairs (2i, 2i+1): a view where the layout allows
     (strided q/k from a fused projection do), a copy otherwise."""
-    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(stride % 2 for stride in x.stride()[:-1]):
+    if not _pair_viewable(x):
         x = x.clone(memory_format=torch.contiguous_format)  # .contiguous() would keep an odd offset
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
 def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Turn the adjacent pairs of (B, H, T, D) x by (B, 1, T, D/2) complex turns, rounding once to x's dtype."""
-    wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32  # bf16/fp16 have no complex type
+    """Turn the adjacent pairs of (B, H, T, D) x by (B, 1, T, D/2) complex turns into a new tensor (not a view, so it
+    can be changed in place), computed in the turns' precision and rounded once to x's dtype."""
+    wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32
     if x.dtype == wide:
-        return torch.view_as_real(_as_pairs(x) * turns).flatten(-2)
+        out = torch.empty_like(x)  # x's stride order, so the multiply does not transpose
+        if not _pair_viewable(out):
+            out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        torch.mul(_as_pairs(x), turns, out=torch.view_as_complex(out.unflatten(-1, (-1, 2))))
+        return out
     length = x.shape[-2]
-    rows = length if x.is_cuda else max(1, TURN_BLOCK_BYTES * length // max(1, x.numel() * wide.itemsize))
+    rows = length
+    if x.device.type == "cpu":
+        rows = max(1, TURN_BLOCK_BYTES * length // max(1, x.numel() * wide.itemsize))
     if rows >= length:
         return torch.view_as_real(_as_pairs(x.to(wide)) * turns).flatten(-2).to(x.dtype)
     out = torch.empty_like(x)  # in x's stride order, as the fp32 blocks are: the rounding copy does not transpose
@@ -202,7 +216,8 @@ def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
 
 
 def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_turn` of q and of k. Small bf16/fp16 ones, which cost what their calls cost, go through as one stack."""
+    """`_turn` of q and of k. Small bf16/fp16 ones, which cost what their calls cost, go through as one stack (the
+    results are then views of it: used where autograd does not track them)."""
     if (
         query.dtype not in (torch.float32, torch.float64)
         and query.shape == key.shape
@@ -214,21 +229,27 @@ def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor) -> t
 
 class _TurnPairs(torch.autograd.Function):
     """q and k turned by one complex multiply each; the turns have modulus `attention_scaling`, so the backward is
-    the same multiply by their conjugate (a multiply's transpose, whatever the modulus)."""
+    the same multiply by their conjugate (a multiply's transpose, whatever the modulus). The turns get no gradient:
+    `apply_rope` sends turns that need one through `_turn_traced` instead."""
 
     @staticmethod
     def forward(ctx, query, key, turns):
         ctx.save_for_backward(turns)
-        return _turn_both(query, key, turns)
+        return _turn(query, turns), _turn(key, turns)
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
-        return *_turn_both(grad_query, grad_key, ctx.saved_tensors[0].conj()), None  # unused outputs get zeros
+        back = ctx.saved_tensors[0].conj()
+        need_query, need_key, _ = ctx.needs_input_grad
+        if need_query and need_key:
+            return *_turn_both(grad_query, grad_key, back), None
+        return _turn(grad_query, back) if need_query else None, _turn(grad_key, back) if need_key else None, None
 
 
 def _turn_traced(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """`_turn` in real arithmetic, for torch.compile: inductor fuses it into one kernel, forward and backward, where
-    it would leave complex operators to eager kernels."""
+    """`_turn` in real arithmetic on (B, 1, T, D/2, 2) turns: for torch.compile (inductor fuses it into one kernel,
+    forward and backward, where it would leave complex operators to eager kernels), TorchScript tracing and ONNX
+    export, devices other than the CPU and CUDA, and turns that need a gradient."""
     cos, sin = turns.unbind(-1)
     even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
     return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2).to(x.dtype)
@@ -240,13 +261,21 @@ def apply_rope(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor):
     Pairs are adjacent dimensions (2i, 2i+1) turned by frequency i: the layout of RoFormer and of transformers' GPT-J,
     where Llama's `apply_rotary_pos_emb` pairs dimension i with i + D/2 (a fixed permutation of the head dimensions,
     which q.k does not see). Adjacent pairs are complex numbers, so the rotation is one complex multiply per tensor,
-    forward and backward: about the cost of copying q and k, where the half-split form needs several passes (see
-    `hf-posenc bench`). bf16/fp16 are computed in fp32 and rounded once. Used where the plugin owns the rotary step
-    (GPT-2, BERT-like models); architectures with a native rotary step keep their own.
+    forward and backward: in fp32 about the cost of copying q and k, where the half-split form needs several passes
+    (see `hf-posenc bench`). It computes in fp32 (fp64 when q, k or the turns are fp64) and rounds once to q's and k's
+    dtype. Used where the plugin owns the rotary step (GPT-2, BERT-like models); architectures with a native rotary
+    step keep their own.
     """
-    if torch.compiler.is_compiling():
-        return _turn_traced(query, turns.unsqueeze(1)), _turn_traced(key, turns.unsqueeze(1))
-    turns = torch.view_as_complex(turns.contiguous()).unsqueeze(1)
+    wide = torch.float64 if torch.float64 in (query.dtype, key.dtype, turns.dtype) else torch.float32
+    turns = turns.to(wide).unsqueeze(1)
+    if (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or turns.requires_grad
+        or query.device.type not in ("cpu", "cuda")
+    ):
+        return _turn_traced(query, turns), _turn_traced(key, turns)
+    turns = torch.view_as_complex(turns.contiguous())
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return _TurnPairs.apply(query, key, turns)
     return _turn_both(query, key, turns)

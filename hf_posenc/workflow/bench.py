@@ -202,9 +202,9 @@ def _rotary_step(rotate, q, k, grad=None) -> None:
 
 def run_rotary(lengths, heads=12, head_dim=64, batch=1, repeats=20) -> list[dict]:
     """The plugin's rotary step vs transformers' apply_rotary_pos_emb vs copying q and k (`x * 1`, whose backward is
-    a copy too), forward and forward+backward, on strided (B, H, S, D) q and k as a fused qkv projection makes them.
-    Each gets its tables as its rotary module makes them once per forward (not timed): transformers' cos/sin in the
-    model dtype, the plugin's (cos, sin) turns in fp32."""
+    a copy too), forward and forward+backward at every length (the step is cheap), on strided (B, H, S, D) q and k
+    as a fused qkv projection makes them. Each gets its tables as its rotary module makes them once per forward (not
+    timed): transformers' cos/sin in the model dtype, the plugin's (cos, sin) turns in fp32."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -313,7 +313,7 @@ def run_bench(
     if "attention" in sections:
         results["attention"] = run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max)
     if "rotary" in sections:
-        results["rotary"] = run_rotary([1, *(n for n in lengths if n <= 8192)], heads, head_dim, batch)
+        results["rotary"] = run_rotary(sorted({1, *(n for n in lengths if n <= 8192)}), heads, head_dim, batch)
     if "models" in sections:
         results["models"] = run_models(model_length, repeats=model_repeats)
     return results
