@@ -191,10 +191,12 @@ def _as_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
-def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
-    """Turn the adjacent pairs of (B, H, T, D) x by (B, 1, T, D/2) complex turns into a new tensor (not a view, so it
-    can be changed in place), computed in the turns' precision and rounded once to x's dtype."""
+def _turn(x: torch.Tensor, turns: torch.Tensor, fresh: bool = False) -> torch.Tensor:
+    """Turn the adjacent pairs of (B, H, T, D) x by (B, 1, T, D/2) complex turns, computed in the turns' precision and
+    rounded once to x's dtype. `fresh`: a tensor of its own, never a view (autograd lets those change in place)."""
     wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32
+    if x.dtype == wide and not fresh:
+        return torch.view_as_real(_as_pairs(x) * turns).flatten(-2)
     if x.dtype == wide:
         out = torch.empty_like(x)  # x's stride order, so the multiply does not transpose
         if not _pair_viewable(out):
@@ -215,16 +217,21 @@ def _turn(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`_turn` of q and of k. Small bf16/fp16 ones, which cost what their calls cost, go through as one stack (the
-    results are then views of it: used where autograd does not track them)."""
+def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor, fresh: bool = False):
+    """`_turn` of q and of k (`fresh` as there). Small bf16/fp16 ones, which cost what their calls cost, go through as
+    one stack."""
     if (
         query.dtype not in (torch.float32, torch.float64)
-        and query.shape == key.shape
+        and (query.dtype, query.shape) == (key.dtype, key.shape)
         and 8 * query.numel() <= TURN_STACK_BYTES
     ):
-        return tuple(_turn(torch.stack((query, key)), turns).unbind())
-    return _turn(query, turns), _turn(key, turns)
+        wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32
+        pairs = torch.view_as_complex(torch.stack((query, key)).to(wide).unflatten(-1, (-1, 2)))  # contiguous
+        both = torch.view_as_real(pairs * turns).flatten(-2)
+        if fresh:
+            return both[0].to(query.dtype), both[1].to(query.dtype)  # rounded: tensors of their own
+        return tuple(both.to(query.dtype).unbind())
+    return _turn(query, turns, fresh), _turn(key, turns, fresh)
 
 
 class _TurnPairs(torch.autograd.Function):
@@ -235,7 +242,7 @@ class _TurnPairs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, turns):
         ctx.save_for_backward(turns)
-        return _turn(query, turns), _turn(key, turns)
+        return _turn_both(query, key, turns, fresh=True)
 
     @staticmethod
     def backward(ctx, grad_query, grad_key):
@@ -267,15 +274,18 @@ def apply_rope(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor):
     step keep their own.
     """
     wide = torch.float64 if torch.float64 in (query.dtype, key.dtype, turns.dtype) else torch.float32
-    turns = turns.to(wide).unsqueeze(1)
+    if turns.dtype != wide:
+        turns = turns.to(wide)
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or turns.requires_grad
         or query.device.type not in ("cpu", "cuda")
     ):
-        return _turn_traced(query, turns), _turn_traced(key, turns)
-    turns = torch.view_as_complex(turns.contiguous())
+        return _turn_traced(query, turns.unsqueeze(1)), _turn_traced(key, turns.unsqueeze(1))
+    if not _pair_viewable(turns):
+        turns = turns.clone(memory_format=torch.contiguous_format)
+    turns = torch.view_as_complex(turns).unsqueeze(1)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return _TurnPairs.apply(query, key, turns)
     return _turn_both(query, key, turns)

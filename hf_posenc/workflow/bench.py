@@ -219,11 +219,12 @@ def run_rotary(lengths, heads=12, head_dim=64, batch=1, repeats=20) -> list[dict
                 "ours": functools.partial(apply_rope, turns=turns),
                 "theirs": functools.partial(apply_rotary_pos_emb, cos=cos, sin=sin),
             }
+            count = repeats * 10 if length < 64 else repeats  # calls of microseconds: more of them for a stable median
             with torch.no_grad():
-                forward = time_calls({n: functools.partial(_rotary_step, f, q, k) for n, f in paths.items()}, repeats)
+                forward = time_calls({n: functools.partial(_rotary_step, f, q, k) for n, f in paths.items()}, count)
             qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
             grad = torch.randn_like(q)
-            steps = time_calls({n: functools.partial(_rotary_step, f, qg, kg, grad) for n, f in paths.items()}, repeats)
+            steps = time_calls({n: functools.partial(_rotary_step, f, qg, kg, grad) for n, f in paths.items()}, count)
             row = dict(length=length, dtype=str(dtype).removeprefix("torch."))
             for name, seconds in (("forward", forward), ("forward_backward", steps)):
                 copy_s, ours, theirs = seconds["copy"], seconds["ours"], seconds["theirs"]
