@@ -191,13 +191,20 @@ def _as_pairs(x: torch.Tensor) -> torch.Tensor:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
+def _turned(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """x's adjacent pairs times the complex turns, in the turns' precision (fp32 for complex64, fp64 for complex128):
+    the real (..., D) view of the product."""
+    wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32
+    return torch.view_as_real(_as_pairs(x if x.dtype == wide else x.to(wide)) * turns).flatten(-2)
+
+
 def _turn(x: torch.Tensor, turns: torch.Tensor, fresh: bool = False) -> torch.Tensor:
     """Turn the adjacent pairs of (B, H, T, D) x by (B, 1, T, D/2) complex turns, computed in the turns' precision and
     rounded once to x's dtype. `fresh`: a tensor of its own, never a view (autograd lets those change in place)."""
     wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32
-    if x.dtype == wide and not fresh:
-        return torch.view_as_real(_as_pairs(x) * turns).flatten(-2)
     if x.dtype == wide:
+        if not fresh:
+            return _turned(x, turns)
         out = torch.empty_like(x)  # x's stride order, so the multiply does not transpose
         if not _pair_viewable(out):
             out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -208,12 +215,11 @@ def _turn(x: torch.Tensor, turns: torch.Tensor, fresh: bool = False) -> torch.Te
     if x.device.type == "cpu":
         rows = max(1, TURN_BLOCK_BYTES * length // max(1, x.numel() * wide.itemsize))
     if rows >= length:
-        return torch.view_as_real(_as_pairs(x.to(wide)) * turns).flatten(-2).to(x.dtype)
+        return _turned(x, turns).to(x.dtype)
     out = torch.empty_like(x)  # in x's stride order, as the fp32 blocks are: the rounding copy does not transpose
     for start in range(0, length, rows):
         block = slice(start, start + rows)
-        turned = _as_pairs(x[..., block, :].to(wide)) * turns[..., block, :]
-        out[..., block, :].copy_(torch.view_as_real(turned).flatten(-2))
+        out[..., block, :].copy_(_turned(x[..., block, :], turns[..., block, :]))
     return out
 
 
@@ -225,9 +231,7 @@ def _turn_both(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor, fres
         and (query.dtype, query.shape) == (key.dtype, key.shape)
         and 8 * query.numel() <= TURN_STACK_BYTES
     ):
-        wide = torch.float64 if turns.dtype == torch.complex128 else torch.float32
-        pairs = torch.view_as_complex(torch.stack((query, key)).to(wide).unflatten(-1, (-1, 2)))  # contiguous
-        both = torch.view_as_real(pairs * turns).flatten(-2)
+        both = _turned(torch.stack((query, key)), turns)
         if fresh:
             return both[0].to(query.dtype), both[1].to(query.dtype)  # rounded: tensors of their own
         return tuple(both.to(query.dtype).unbind())
@@ -274,18 +278,17 @@ def apply_rope(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor):
     step keep their own.
     """
     wide = torch.float64 if torch.float64 in (query.dtype, key.dtype, turns.dtype) else torch.float32
-    if turns.dtype != wide:
-        turns = turns.to(wide)
+    turns = (turns if turns.dtype == wide else turns.to(wide)).unsqueeze(1)  # (B, 1, T, D/2, 2): for every head
     if (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or turns.requires_grad
         or query.device.type not in ("cpu", "cuda")
     ):
-        return _turn_traced(query, turns.unsqueeze(1)), _turn_traced(key, turns.unsqueeze(1))
+        return _turn_traced(query, turns), _turn_traced(key, turns)
     if not _pair_viewable(turns):
         turns = turns.clone(memory_format=torch.contiguous_format)
-    turns = torch.view_as_complex(turns).unsqueeze(1)
+    turns = torch.view_as_complex(turns)
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
         return _TurnPairs.apply(query, key, turns)
     return _turn_both(query, key, turns)
