@@ -228,3 +228,17 @@ def test_generate_with_static_cache(arch, case):
     static = model.generate(x, cache_implementation="static", **kwargs)
     assert torch.equal(static.sequences, dynamic.sequences)
     torch.testing.assert_close(torch.stack(static.logits), torch.stack(dynamic.logits), atol=1e-5, rtol=1e-4)
+
+
+def test_loaded_weights_are_realigned(tmp_path):
+    """safetensors places loaded tensors at arbitrary offsets and CPU kernels sum in an order that depends on the
+    alignment; a loaded posenc model has every tensor where a freshly built one has it, and tied weights stay tied."""
+    from hf_posenc.modeling.posenc_layers import CPU_ALIGNMENT
+
+    model = build("gpt2", "alibi")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(t.data_ptr() % CPU_ALIGNMENT == 0 for t in [*loaded.parameters(), *loaded.buffers()] if t.numel())
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)  # the tuple form too
+    assert all(t.data_ptr() % CPU_ALIGNMENT == 0 for t in loaded.parameters())
