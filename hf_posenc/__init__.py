@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 #: local path of the `evaluate` metric module: `evaluate.load(hf_posenc.PERPLEXITY_METRIC)` (no download)
 PERPLEXITY_METRIC = str(Path(__file__).parent / "metrics" / "perplexity_by_length")
 
 # the transformers releases this version is tested against; the internals it builds on change between minors
-TRANSFORMERS_RANGE = ("5.23", "5.24")
+TRANSFORMERS_RANGE = ("5.20", "5.25")
 
 
 def _check_transformers() -> None:
@@ -44,14 +44,7 @@ from transformers import (  # noqa: E402  (re-exported with the posenc= keyword 
     AutoModelForTokenClassification,
 )
 
-from .auto import ARCHITECTURES, with_posenc  # noqa: E402
-from .modeling.configuration_posenc_bert import PosencBertConfig  # noqa: E402
-from .modeling.configuration_posenc_gpt2 import PosencGPT2Config  # noqa: E402
-from .modeling.configuration_posenc_gpt_neox import PosencGPTNeoXConfig  # noqa: E402
-from .modeling.configuration_posenc_llama import PosencLlamaConfig  # noqa: E402
-from .modeling.configuration_posenc_mistral import PosencMistralConfig  # noqa: E402
-from .modeling.configuration_posenc_qwen2 import PosencQwen2Config  # noqa: E402
-from .modeling.configuration_posenc_roberta import PosencRobertaConfig  # noqa: E402
+from .auto import ARCHITECTURES, model_classes, register_architecture, with_posenc  # noqa: E402
 from .modeling.posenc_schemes import (  # noqa: E402
     SCHEMES,
     alibi_bias,
@@ -72,18 +65,13 @@ __all__ = [
     "AutoModelForSequenceClassification",
     "AutoModelForTokenClassification",
     "PERPLEXITY_METRIC",
-    "PosencBertConfig",
-    "PosencGPT2Config",
-    "PosencGPTNeoXConfig",
-    "PosencLlamaConfig",
-    "PosencMistralConfig",
-    "PosencQwen2Config",
-    "PosencRobertaConfig",
+    "model_classes",
     "SCHEMES",
     "__version__",
     "alibi_bias",
     "alibi_slopes",
     "ntk_scaled_rope_theta",
+    "register_architecture",
     "rope_types",
     "sinusoidal_position_embedding",
     "t5_relative_position_bucket",

@@ -1,66 +1,69 @@
-"""Wiring posenc into transformers: the architecture table, `with_posenc`, and `posenc=` on the stock Auto classes."""
+"""Wiring posenc into transformers: the registered architectures, `with_posenc`, and `posenc=` on the stock Auto
+classes."""
 
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import transformers
 from transformers import AutoConfig, PreTrainedConfig
 
+from . import archs
 from .convert import load_converted
-from .modeling import (
-    modeling_posenc_bert,
-    modeling_posenc_gpt2,
-    modeling_posenc_gpt_neox,
-    modeling_posenc_llama,
-    modeling_posenc_mistral,
-    modeling_posenc_qwen2,
-    modeling_posenc_roberta,
-)
 from .modeling.posenc_attention import STOCK_NAMES
+from .modeling.posenc_factory import auto_model_classes, posenc_config_class, posenc_model_classes
 from .modeling.posenc_schemes import PosencConfigMixin
 
-#: stock model_type -> posenc config class. Adding an architecture is one entry here plus its two shipped files.
+logger = logging.getLogger(__name__)
+
+#: stock model_type -> posenc config class, for every architecture registered in this process: the verified ones at
+#: import, any other supported one when it is first used (`register_architecture`)
 ARCHITECTURES: dict[str, type] = {}
 
 
-def register_architecture(config_class: type) -> type:
-    """Register a posenc model type with AutoConfig and the table (its modeling file registers the model classes)."""
-    if not issubclass(config_class, PosencConfigMixin):
-        raise TypeError(f"{config_class.__name__} must subclass PosencConfigMixin")
-    if config_class.model_type != f"posenc_{config_class.base_model_type}":
-        raise ValueError(f"{config_class.__name__}.model_type must be 'posenc_{config_class.base_model_type}'")
-    if config_class.base_model_type in ARCHITECTURES:
-        raise ValueError(f"architecture {config_class.base_model_type!r} is already registered")
-    AutoConfig.register(config_class.model_type, config_class)
-    ARCHITECTURES[config_class.base_model_type] = config_class
+def register_architecture(model_type: str) -> type:
+    """The posenc config class of `model_type`, registered with AutoConfig as `posenc_<model_type>` (once).
+
+    Raises ValueError naming the reason where hf_posenc refuses the architecture, and logs a warning for one it
+    supports but has not verified (see `hf-posenc archs`)."""
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    status, reason = archs.status(model_type)
+    if status not in (archs.VERIFIED_STATUS, archs.UNTRIED_STATUS):
+        raise ValueError(f"hf_posenc does not support architecture {model_type!r}: {reason} (see `hf-posenc archs`)")
+    if status == archs.UNTRIED_STATUS:
+        logger.warning(
+            "hf_posenc has not verified architecture %r (%s): it is built by the generic adapter, but its contract "
+            "(identity, cache, save/load) is not tested; check its outputs",
+            model_type,
+            reason,
+        )
+    config_class = posenc_config_class(model_type)
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    ARCHITECTURES[model_type] = config_class
     return config_class
 
 
-register_architecture(modeling_posenc_gpt2.PosencGPT2Config)
-register_architecture(modeling_posenc_llama.PosencLlamaConfig)
-register_architecture(modeling_posenc_mistral.PosencMistralConfig)
-register_architecture(modeling_posenc_qwen2.PosencQwen2Config)
-register_architecture(modeling_posenc_gpt_neox.PosencGPTNeoXConfig)
-register_architecture(modeling_posenc_bert.PosencBertConfig)
-register_architecture(modeling_posenc_roberta.PosencRobertaConfig)
+for _model_type in archs.verified():
+    register_architecture(_model_type)
 
 
-def _native_rope_parameters(posenc: Mapping) -> dict:
-    """The RoPE settings a rope posenc config hands on as the 'native' ones when its scheme is replaced."""
-    params = {k: v for k, v in posenc.items() if k != "type"}
-    if params["rope_type"] == "ntk":  # not a transformers rope_type: hand on the unscaled base
-        return {k: params[k] for k in ("rope_theta", "partial_rotary_factor")} | {"rope_type": "default"}
-    return params
+def model_classes(model_type: str) -> dict[str, type]:
+    """Class name -> posenc model class of every head of `model_type` (e.g. `model_classes("gpt2")
+    ["PosencGPT2DoubleHeadsModel"]`, a head without an Auto class)."""
+    return posenc_model_classes(register_architecture(model_type))
 
 
 def with_posenc(config: PreTrainedConfig, posenc: str | Mapping) -> PreTrainedConfig:
     """A new posenc config for `config`'s architecture with scheme `posenc`; `config` itself is not changed.
 
     Args:
-        config: a stock config (e.g. `GPT2Config`) or a posenc config whose scheme is replaced.
+        config: a stock config (e.g. `LlamaConfig`) or a posenc config whose scheme is replaced.
         posenc: a scheme name (`"alibi"`) or a dict with a `type` key and the scheme's parameters.
 
     Returns:
@@ -69,16 +72,16 @@ def with_posenc(config: PreTrainedConfig, posenc: str | Mapping) -> PreTrainedCo
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"with_posenc needs a transformers config, got {type(config).__name__}")
     base_type = config.base_model_type if isinstance(config, PosencConfigMixin) else config.model_type
-    if base_type not in ARCHITECTURES:
-        raise ValueError(
-            f"hf_posenc does not support architecture {base_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}"
-        )
+    config_class = register_architecture(base_type)
+    archs.check_scheme(base_type, posenc)
     values = config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "auto_map", "posenc"):
         values.pop(key, None)
-    if isinstance(config, PosencConfigMixin) and config.posenc["type"] == "rope":
-        values["rope_parameters"] = _native_rope_parameters(config.posenc)
-    new = ARCHITECTURES[base_type](**values, posenc=posenc)
+    if isinstance(config, PosencConfigMixin):
+        values["rope_parameters"] = config.rope_parameters_to_hand_on()
+        if values["rope_parameters"] is None:
+            values.pop("rope_parameters")
+    new = config_class(**values, posenc=posenc)
     implementation = config._attn_implementation_internal  # not in to_dict; the model maps it for bias schemes
     if implementation and implementation.startswith("posenc_"):  # back to the stock name the new scheme understands
         implementation = STOCK_NAMES.get(implementation.removeprefix("posenc_"), implementation)
@@ -102,11 +105,25 @@ def _read_config(path, kwargs: dict) -> tuple[PreTrainedConfig, dict]:
     return config, {**unused, **hub, **model}
 
 
+def _register_saved(path, kwargs: dict) -> None:
+    """Register the architecture of a saved posenc folder before transformers reads it, so that supported
+    architectures beyond the verified ones (registered when first used) load in a new process too."""
+    if isinstance(path, PreTrainedConfig) or path is None or kwargs.get("trust_remote_code"):
+        return
+    folder = Path(path) / kwargs.get("subfolder", "")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "")
+    except (OSError, ValueError, TypeError):
+        return  # not a local folder with a config: transformers reads (and reports on) it
+    if isinstance(model_type, str) and model_type.startswith("posenc_"):
+        register_architecture(model_type.removeprefix("posenc_"))
+
+
 def _add_posenc_keyword(auto_class: type) -> None:
     """Give a stock Auto class `from_config(config, posenc=...)` and `from_pretrained(path, posenc=...)`.
 
     Each Auto class carries its own copies of these classmethods, so each is wrapped; without `posenc` they are the
-    stock methods, untouched.
+    stock methods, untouched (a saved posenc folder's architecture is registered first, see `_register_saved`).
     """
     if getattr(auto_class, "_hf_posenc_keyword", False):
         return
@@ -121,6 +138,7 @@ def _add_posenc_keyword(auto_class: type) -> None:
 
     @functools.wraps(stock_from_pretrained)
     def from_pretrained(cls, pretrained_model_name_or_path, *args, posenc=None, **kwargs):
+        _register_saved(pretrained_model_name_or_path, kwargs)
         if posenc is None:
             return stock_from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs)
         config = kwargs.pop("config", None)
@@ -141,6 +159,23 @@ def _add_posenc_keyword(auto_class: type) -> None:
     auto_class._hf_posenc_keyword = True
 
 
-AUTO_CLASSES = sorted({name for cls in ARCHITECTURES.values() for name in cls.auto_map_entries} - {"AutoConfig"})
+def _register_saved_configs() -> None:
+    """`AutoConfig.from_pretrained` registers a saved posenc folder's architecture first, as the model classes do."""
+    if getattr(AutoConfig, "_hf_posenc_keyword", False):
+        return
+    stock = AutoConfig.from_pretrained.__func__
+
+    @functools.wraps(stock)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        _register_saved(pretrained_model_name_or_path, kwargs)
+        return stock(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    AutoConfig.from_pretrained = classmethod(from_pretrained)
+    AutoConfig._hf_posenc_keyword = True
+
+
+#: every Auto model class of transformers gets the keyword (heads are discovered per architecture, so any may be used)
+AUTO_CLASSES = sorted(auto_model_classes())
 for _name in AUTO_CLASSES:
     _add_posenc_keyword(getattr(transformers, _name))
+_register_saved_configs()

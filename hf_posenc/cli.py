@@ -14,6 +14,7 @@ def _schemes() -> str:
     for name, scheme in sorted(SCHEMES.items()):
         lines.append(f"{name:<12} {scheme.site:<10} {str(scheme.relative):<9} {scheme.description}")
     lines += ["", f"rope_type: {', '.join(rope_types())}", f"architectures: {', '.join(sorted(ARCHITECTURES))}"]
+    lines += ["(verified ones; `hf-posenc archs` lists every model type with its status)"]
     return "\n".join(lines)
 
 
@@ -24,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"hf-posenc {__version__}")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("schemes", help="list the positional schemes, their sites and the supported architectures")
+    archs = commands.add_parser(
+        "archs",
+        help="the support matrix: every model type transformers has, verified, untried, refused (why) or not text",
+    )
+    archs.add_argument("--status", choices=["verified", "untried", "refused", "not a text model"], help="only these")
+    archs.add_argument("--markdown", action="store_true", help="the README's table (verified and refused, counted)")
     compare = commands.add_parser(
         "compare",
         help="train one architecture with several schemes at length L, evaluate at L..16L (the main job)",
@@ -97,9 +104,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schemes":
         print(_schemes())
         return 0
+    if args.command == "archs":
+        return _archs(args)
     if args.command == "compare":
         return _compare(args)
     parser.print_help()
+    return 0
+
+
+def _archs(args) -> int:
+    from . import archs
+
+    rows = archs.matrix()
+    if args.markdown:
+        print(archs.markdown(rows))
+        return 0
+    rows = [row for row in rows if args.status in (None, row[1])]
+    width = max(len(model_type) for model_type, *_ in rows) if rows else 10
+    for model_type, state, reason in rows:
+        print(f"{model_type:<{width}}  {state:<16}  {reason}")
+    total = archs.counts(archs.matrix())
+    print("\n" + ", ".join(f"{number} {state}" for state, number in total.items()))
     return 0
 
 

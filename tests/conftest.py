@@ -140,9 +140,9 @@ def spy(monkeypatch):
     for cls in (AlibiBias, T5RelativeBias):
         original = cls.forward
 
-        def recording(self, q_positions, kv_positions, _original=original):
+        def recording(self, q_positions, kv_positions, *args, _original=original):
             sizes.append((len(q_positions), len(kv_positions)))
-            return _original(self, q_positions, kv_positions)
+            return _original(self, q_positions, kv_positions, *args)
 
         monkeypatch.setattr(cls, "forward", recording)
     return sizes

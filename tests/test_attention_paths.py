@@ -143,7 +143,7 @@ def documented_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causa
 def test_flash_call_follows_flash_attn_contract(monkeypatch, q_len, k_len, is_causal):
     """posenc_flash hands flash_attn_func the layout, scale, causality and slopes that reproduce the fp64 formula."""
     monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=documented_flash_attn_func))
-    monkeypatch.setattr(posenc_attention, "flash_applies", lambda query, provider, masks: True)
+    monkeypatch.setattr(posenc_attention, "flash_applies", lambda query, provider, masks, extras=None: True)
     provider, masks = AlibiBias(4), causal(q_len, k_len, causal=is_causal)
     query, key, value = inputs(1, 4, 2, q_len, k_len)
     out, _ = posenc_flash_attention(Attention(provider), query, key, value, masks, scaling=0.25)

@@ -193,7 +193,7 @@ def test_every_head(arch):
 @pytest.mark.parametrize("case", ["learned", "sinusoidal", "rope_yarn", "alibi", "t5_bias"])
 def test_gpt2_double_heads(case, tmp_path):
     """GPT-2's multiple-choice head (no Auto class; (B, choices, T) inputs) works and round-trips through save."""
-    from hf_posenc.modeling.modeling_posenc_gpt2 import PosencGPT2DoubleHeadsModel
+    PosencGPT2DoubleHeadsModel = hf_posenc.model_classes("gpt2")["PosencGPT2DoubleHeadsModel"]
 
     torch.manual_seed(0)
     model = PosencGPT2DoubleHeadsModel(hf_posenc.with_posenc(tiny_config("gpt2"), SCHEME_CASES[case])).eval()

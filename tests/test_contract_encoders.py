@@ -97,12 +97,24 @@ def test_encoder_alibi_is_symmetric(encoder, case):
     )
 
 
-def test_encoder_t5_buckets_are_bidirectional(encoder):
-    """On an encoder T5's keys before and after a query fall in different buckets."""
-    model = build(encoder, "t5_bias")
-    assert model.base_model.position_bias.bidirectional
-    causal = build(encoder, "t5_bias", config_overrides={"is_decoder": True})
-    assert not causal.base_model.position_bias.bidirectional
+def test_encoder_t5_buckets_are_bidirectional(encoder, monkeypatch):
+    """On an encoder T5's keys before and after a query fall in different buckets; in decoder mode one way only (the
+    provider takes the direction from the mask of each call)."""
+    from hf_posenc.modeling import posenc_attention
+
+    seen = []
+
+    def recording(relative, bidirectional, *args):
+        seen.append(bidirectional)
+        return original(relative, bidirectional, *args)
+
+    original = posenc_attention.t5_relative_position_bucket
+    monkeypatch.setattr(posenc_attention, "t5_relative_position_bucket", recording)
+    logits(build(encoder, "t5_bias"), tokens(batch=1))
+    assert seen and all(seen)
+    seen.clear()
+    logits(build(encoder, "t5_bias", config_overrides={"is_decoder": True}), tokens(batch=1))
+    assert seen and not any(seen)
 
 
 def test_eager_matches_sdpa(encoder, case):

@@ -34,6 +34,21 @@ def rope_config(arch, **params):
     return hf_posenc.with_posenc(wide_config(arch), {"type": "rope", **params})
 
 
+def rotary_module(arch, **params):
+    """The module that computes a posenc model's RoPE tables: the plugin's own on GPT-2 (its rotary step is the
+    plugin's), the stock LlamaRotaryEmbedding fed the derived `rope_parameters` on Llama."""
+    config = rope_config(arch, **params)
+    if arch == "gpt2":
+        return PosencRotaryEmbedding(config)
+    return AutoModelForCausalLM.from_config(config).model.rotary_emb
+
+
+def rotated(inv_freq, width):
+    """The frequencies of the first `width // 2` pairs, checking that any further ones are zero (pass-through)."""
+    assert torch.equal(inv_freq[width // 2 :], torch.zeros_like(inv_freq[width // 2 :]))
+    return inv_freq[: width // 2]
+
+
 # ---------------------------------------------------------------------------------------------------------------- ALiBi
 
 
@@ -141,17 +156,19 @@ def rope_params(rope_type, rotary_dim):
 @pytest.mark.parametrize("rope_type", list(ROPE_SPECS))
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_rope_frequencies_match_transformers(arch, rope_type, partial):
-    """PosencRotaryEmbedding's inv_freq and attention_scaling are transformers' ROPE_INIT_FUNCTIONS[rope_type]."""
-    params = rope_params(rope_type, int(HEAD_DIM * partial))
-    config = rope_config(arch, partial_rotary_factor=partial, **params)
-    module = PosencRotaryEmbedding(config)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
-    assert torch.equal(module.inv_freq, inv_freq)
-    assert module.attention_scaling == scaling
+    """A posenc model's RoPE frequencies and attention_scaling are transformers' ROPE_INIT_FUNCTIONS[rope_type] over
+    the rotary width (Llama rotates the whole head: its partial rotation zero-pads them, except longrope, refused)."""
+    width = int(HEAD_DIM * partial)
+    params = rope_params(rope_type, width)
+    if arch == "llama" and partial < 1 and rope_type == "longrope":
+        with pytest.raises(ValueError, match="rotates the whole head.*not 'longrope'"):
+            rope_config(arch, partial_rotary_factor=partial, **params)
+        return
+    module = rotary_module(arch, partial_rotary_factor=partial, **params)
     # the config handed transformers the user's settings: a stock Llama config with them gives the same frequencies
-    stock = stock_llama(config.max_position_embeddings, {**params, "partial_rotary_factor": partial})
+    stock = stock_llama(module.config.max_position_embeddings, {**params, "partial_rotary_factor": partial})
     stock_inv_freq, stock_scaling = ROPE_INIT_FUNCTIONS[rope_type](stock)
-    assert torch.equal(module.inv_freq, stock_inv_freq)
+    assert torch.equal(rotated(module.inv_freq, width), stock_inv_freq)
     assert module.attention_scaling == pytest.approx(stock_scaling, rel=1e-12)
 
 
@@ -159,7 +176,7 @@ def test_rope_frequencies_match_transformers(arch, rope_type, partial):
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_rope_default_matches_llama_bitwise(arch, theta):
     """Plain RoPE frequencies are bitwise those of the stock LlamaRotaryEmbedding."""
-    module = PosencRotaryEmbedding(rope_config(arch, rope_theta=theta))
+    module = rotary_module(arch, rope_theta=theta)
     stock = LlamaRotaryEmbedding(stock_llama(256, {"rope_type": "default", "rope_theta": theta}))
     assert module.rope_type == "default" and module.attention_scaling == 1.0
     assert torch.equal(module.inv_freq, stock.inv_freq)
@@ -183,7 +200,7 @@ def test_rope_default_cos_sin_match_llama(dtype):
 def test_rope_scaled_cos_sin_match_llama(rope_type):
     """For every scaled rope_type, cos/sin match a stock LlamaRotaryEmbedding, past the original length too."""
     params = rope_params(rope_type, HEAD_DIM)
-    module = PosencRotaryEmbedding(rope_config("llama", **params))
+    module = rotary_module("llama", **params)
     stock = LlamaRotaryEmbedding(stock_llama(256, params))
     x = torch.zeros(1)
     for length in (32, 512):  # 512 triggers dynamic NTK / longrope's long factors
@@ -202,11 +219,14 @@ def test_static_ntk(arch, theta, partial, factor):
     d = int(HEAD_DIM * partial)
     config = rope_config(arch, rope_type="ntk", factor=factor, rope_theta=theta, partial_rotary_factor=partial)
     expected = theta * factor ** (d / (d - 2))
-    assert config.rope_parameters["rope_type"] == "default"
+    partial_type = "posenc_partial_default" if arch == "llama" and partial < 1 else "default"  # Llama: see above
+    assert config.rope_parameters["rope_type"] == partial_type
     assert config.rope_parameters["rope_theta"] == pytest.approx(expected, rel=1e-12)
     assert hf_posenc.ntk_scaled_rope_theta(theta, factor, d) == pytest.approx(expected, rel=1e-12)
-    ntk = PosencRotaryEmbedding(config).inv_freq
-    plain = PosencRotaryEmbedding(rope_config(arch, rope_theta=theta, partial_rotary_factor=partial)).inv_freq
+    ntk = rotated(
+        rotary_module(arch, rope_type="ntk", factor=factor, rope_theta=theta, partial_rotary_factor=partial).inv_freq, d
+    )
+    plain = rotated(rotary_module(arch, rope_theta=theta, partial_rotary_factor=partial).inv_freq, d)
     assert ntk.shape == plain.shape == (d // 2,)
     assert (plain[-1] / ntk[-1]).item() == pytest.approx(factor, rel=1e-5)
     assert ntk[0] == plain[0]
@@ -217,7 +237,7 @@ def test_static_ntk(arch, theta, partial, factor):
 def test_partial_rotary_passes_through(arch, partial):
     """With partial rotary, pass-through pairs get cos=1, sin=0; rotated pairs are plain RoPE over the rotary width."""
     rotary_dim = int(HEAD_DIM * partial)
-    module = PosencRotaryEmbedding(rope_config(arch, partial_rotary_factor=partial))
+    module = rotary_module(arch, partial_rotary_factor=partial)
     position_ids = torch.arange(64)[None].expand(2, 64)
     cos, sin = module(torch.zeros(1), position_ids)
     assert cos.shape == sin.shape == (2, 64, HEAD_DIM)

@@ -54,7 +54,9 @@ def test_dry_run_builds_the_repo_folder(trained, tmp_path, capsys):
         "model.safetensors",
         "config.json",
         "README.md",
+        "configuration_posenc_gpt2.py",
         "modeling_posenc_gpt2.py",
+        "posenc_factory.py",
         "posenc_layers.py",
         "posenc_attention.py",
     } <= names

@@ -40,13 +40,22 @@ from .posenc_schemes import alibi_slopes, get_scheme, t5_relative_position_bucke
 
 class RelativeBias(nn.Module):
     """A bias that depends on the distance `key - query` only. Subclasses give `by_distance`; the (Q, K) block of any
-    query and key positions, and the flex path's table of distances, both come from it."""
+    query and key positions, and the flex path's table of distances, both come from it.
 
-    def forward(self, q_positions: torch.Tensor, kv_positions: torch.Tensor) -> torch.Tensor:
+    `heads` is the number of query heads of the call (architectures may change it per layer); `causal` says whether
+    the call attends one way (decoders) or both (encoders), as the mask function found.
+    """
+
+    #: calls of the posenc attention functions that used this provider (the adapters check that a forward made some)
+    calls = 0
+
+    def forward(
+        self, q_positions: torch.Tensor, kv_positions: torch.Tensor, heads: int | None = None, causal: bool = True
+    ) -> torch.Tensor:
         """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
-        return self.by_distance(kv_positions[None, :] - q_positions[:, None])  # memory minus query, as in T5
+        return self.by_distance(kv_positions[None, :] - q_positions[:, None], heads, causal)  # key minus query (T5)
 
-    def by_distance(self, relative: torch.Tensor) -> torch.Tensor:
+    def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
         """Relative positions `key - query` of any shape S -> (H, *S) float32 bias."""
         raise NotImplementedError
 
@@ -54,21 +63,24 @@ class RelativeBias(nn.Module):
 class AlibiBias(RelativeBias):
     """ALiBi: `-slope_h * |i - j|` (Press et al., https://arxiv.org/abs/2108.12409). No parameters.
 
-    `slope_multiplier` scales every slope (for evaluating at lengths other than the training length).
+    `slope_multiplier` scales every slope (for evaluating at lengths other than the training length). The slopes are
+    those of the call's head count (`num_heads` when the call does not say), so layers with other head counts get
+    the paper's slopes for theirs.
     """
 
     def __init__(self, num_heads: int, max_bias: float = 8.0, slope_multiplier: float = 1.0):
         super().__init__()
         self.num_heads, self.max_bias, self.slope_multiplier = num_heads, max_bias, slope_multiplier
-        self._slopes = {}  # device -> (H,) float32; plain attribute, rebuilt on demand (never a meta buffer)
+        self._slopes = {}  # (device, heads) -> (H,) float32; plain attribute, rebuilt on demand (never a meta buffer)
 
-    def slopes(self, device: torch.device) -> torch.Tensor:
-        if device not in self._slopes:
-            self._slopes[device] = (alibi_slopes(self.num_heads, self.max_bias) * self.slope_multiplier).to(device)
-        return self._slopes[device]
+    def slopes(self, device: torch.device, heads: int | None = None) -> torch.Tensor:
+        key = (device, heads or self.num_heads)
+        if key not in self._slopes:
+            self._slopes[key] = (alibi_slopes(key[1], self.max_bias) * self.slope_multiplier).to(device)
+        return self._slopes[key]
 
-    def by_distance(self, relative: torch.Tensor) -> torch.Tensor:
-        slopes = self.slopes(relative.device).view(-1, *(1,) * relative.dim())
+    def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
+        slopes = self.slopes(relative.device, heads).view(-1, *(1,) * relative.dim())
         return -slopes * relative.abs().to(torch.float32)
 
     def extra_repr(self) -> str:
@@ -76,27 +88,39 @@ class AlibiBias(RelativeBias):
 
 
 class T5RelativeBias(RelativeBias):
-    """T5's learned bias per (bucket of key - query, head), one table shared by all layers (Raffel et al., 2020)."""
+    """T5's learned bias per (bucket of key - query, head), one table shared by all layers (Raffel et al., 2020).
 
-    def __init__(self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = False):
+    Buckets are bidirectional where the call attends both ways (encoders) and one-way for causal calls, unless
+    `bidirectional` fixes it."""
+
+    def __init__(
+        self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool | None = None
+    ):
         super().__init__()
-        self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+        self.num_heads, self.num_buckets, self.max_distance = num_heads, num_buckets, max_distance
+        self.bidirectional = bidirectional
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
 
-    def by_distance(self, relative: torch.Tensor) -> torch.Tensor:
-        buckets = t5_relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+    def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
+        if heads is not None and heads != self.num_heads:
+            raise ValueError(
+                f"posenc 't5_bias' has a table for {self.num_heads} heads, but an attention layer has {heads}: "
+                "architectures whose layers differ in head count cannot share T5's table; use alibi"
+            )
+        bidirectional = (not causal) if self.bidirectional is None else self.bidirectional
+        buckets = t5_relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).movedim(-1, 0).float()
 
     def extra_repr(self) -> str:
         return f"num_buckets={self.num_buckets}, max_distance={self.max_distance}, bidirectional={self.bidirectional}"
 
 
-def score_bias_module(posenc: dict, num_heads: int, bidirectional: bool) -> nn.Module | None:
+def score_bias_module(posenc: dict, num_heads: int) -> nn.Module | None:
     """The bias provider for a `bias`-site scheme, or None for every other scheme."""
     if posenc["type"] == "alibi":
         return AlibiBias(num_heads, posenc["max_bias"], posenc["slope_multiplier"])
     if posenc["type"] == "t5_bias":
-        return T5RelativeBias(num_heads, posenc["num_buckets"], posenc["max_distance"], bidirectional)
+        return T5RelativeBias(num_heads, posenc["num_buckets"], posenc["max_distance"])
     if get_scheme(posenc["type"]).site == "bias":
         raise NotImplementedError(f"no score-bias module for posenc {posenc['type']!r}")
     return None
@@ -314,20 +338,75 @@ denormal_flush = DenormalFlush()
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _provider(module: nn.Module, attention_mask) -> nn.Module:
+#: keywords an attention function is called with that the posenc kernels may take as they are: what they carry is
+#: in the ScoreBiasMask (causality, sliding windows, cache positions) or does not concern the scores
+PASSIVE_KWARGS = frozenset(
+    {
+        "position_ids",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "past_key_values",
+        "cache_position",
+        "sliding_window",
+        "is_causal",
+        "encoder_hidden_states",
+        "layer_idx",
+        "return_dict",
+        "output_router_logits",
+        "num_items_in_batch",
+    }
+)
+#: keywords that change the scores, which every posenc kernel applies or refuses: see `ScoreExtras`
+SCORE_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+@dataclass(frozen=True)
+class ScoreExtras:
+    """What an architecture adds to the scores besides the mask and the position bias.
+
+    Attributes:
+        softcap: logit soft-capping `softcap * tanh(scores / softcap)` of the scaled q.k scores (Gemma 2), before
+            the bias and the mask are added, as the stock eager kernels add the mask.
+        sinks: (H,) attention sinks (GPT-OSS, MiMo `s_aux`): one more logit per head in the softmax's denominator,
+            whose weight is dropped.
+    """
+
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    def __bool__(self) -> bool:
+        return self.softcap is not None or self.sinks is not None
+
+
+def _call(module: nn.Module, attention_mask, kwargs: dict, count: bool = True) -> tuple[nn.Module, ScoreExtras]:
+    """The bias provider and score extras of one attention call, refusing what no posenc kernel can apply: a prepared
+    mask that bypasses the cache coordinates, or a keyword the kernels do not know (it would be dropped silently).
+    `count`: record the call on the provider (the kernel that computes does; `posenc_auto`, which picks it, not)."""
     provider = getattr(module, "posenc_bias", None)
+    scheme = getattr(getattr(module, "config", None), "posenc", {}).get("type")
     if provider is None:
         raise ValueError(
             f"attn_implementation {module.config._attn_implementation!r} is for score-bias schemes (alibi, t5_bias); "
-            f"this model's posenc is {module.config.posenc['type']!r}"
+            f"this model's posenc is {scheme!r}"
         )
     if not isinstance(attention_mask, ScoreBiasMask):
         raise ValueError(
-            f"posenc {module.config.posenc['type']!r} computes its bias from the positions of the cache, but the "
-            f"attention got a prepared {type(attention_mask).__name__} mask that bypasses them; pass a 2-D padding "
-            "mask of shape (batch, length) instead of a 4-D one"
+            f"posenc {scheme!r} computes its bias from the positions of the cache, but the attention got a prepared "
+            f"{type(attention_mask).__name__} mask that bypasses them; pass a 2-D padding mask of shape "
+            "(batch, length) instead of a 4-D one"
         )
-    return provider
+    unknown = sorted(set(kwargs) - PASSIVE_KWARGS - set(SCORE_KWARGS))
+    if unknown:
+        raise ValueError(
+            f"posenc {scheme!r}: {type(module).__name__} passes {unknown} to its attention function, which the posenc "
+            f"kernels do not apply; rather than drop them silently, hf_posenc refuses this architecture with a score "
+            f"bias (they apply {', '.join(SCORE_KWARGS)} and take {', '.join(sorted(PASSIVE_KWARGS))} as they are)"
+        )
+    if count and not torch.compiler.is_compiling():
+        provider.calls += 1
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))
+    return provider, ScoreExtras(kwargs.get("softcap"), sinks)
 
 
 def _query_meets_key(masks: ScoreBiasMask, index: int) -> bool:
@@ -367,7 +446,7 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     # positions counted from the middle key halve the column's magnitude (its fp32 rounding is the trick's only
     # error); a per-row shift changes nothing after softmax
     column = ((kv_positions - kv_positions[len(kv_positions) // 2]).to(torch.float32) / scaling).to(key.dtype)
-    slopes = provider.slopes(query.device).to(query.dtype)
+    slopes = provider.slopes(query.device, heads).to(query.dtype)
     group = heads // kv_heads  # query heads per key head
 
     def attention(q, k, v):
@@ -400,10 +479,31 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     return output, None
 
 
-def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, scaling, dropout):
+def _scores_attention(query, key, value, bias, allowed, scaling, dropout, training, extras: ScoreExtras):
+    """Attention with the scores written out, in float32: `q.k * scaling`, soft-capped, plus the (H, Q, K) bias,
+    masked where `allowed` is False, softmax (with the sinks in its denominator), dropout. (B, H, Q, D) q and
+    (B, H, K, D) k, v with as many heads -> (B, H, Q, D) output in value's dtype and the (B, H, Q, K) weights."""
+    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling  # (B, H, Q, K) fp32
+    if extras.softcap is not None:
+        scores = torch.tanh(scores / extras.softcap) * extras.softcap
+    scores = scores + bias
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    if extras.sinks is not None:
+        sinks = extras.sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        combined = torch.cat([scores, sinks], dim=-1)
+        weights = nn.functional.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    else:
+        weights = nn.functional.softmax(scores, dim=-1)
+    weights = nn.functional.dropout(weights.to(value.dtype), p=dropout, training=training)
+    return torch.matmul(weights, value), weights
+
+
+def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, scaling, dropout, extras=ScoreExtras()):
     """SDPA with the bias, one block of query rows at a time: only a (B, H, chunk, K) bias exists, never (Q, K).
 
-    The bias is fp32 and so is each block's attention (inputs upcast), so a bf16 model keeps an exact bias.
+    The bias is fp32 and so is each block's attention (inputs upcast), so a bf16 model keeps an exact bias. Score
+    extras (soft-capping, sinks), which SDPA cannot take, go through `_scores_attention` block by block.
     """
     batch, heads, q_length, _ = query.shape
     key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
@@ -419,28 +519,35 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     outputs = []
     for start in range(0, q_length, chunk):
         rows = slice(start, start + chunk)
-        bias = provider(masks.q_positions[rows], masks.kv_positions)[None]  # (1, H, c, K) fp32
+        bias = provider(masks.q_positions[rows], masks.kv_positions, heads, masks.causal)[None]  # (1, H, c, K) fp32
         allowed = masks.block(rows)
+        rows_query = query[:, :, rows].to(compute)
+        if extras:
+            output, _ = _scores_attention(
+                rows_query, key32, value32, bias, allowed, scaling, dropout, dropout > 0, extras
+            )
+            outputs.append(output.to(query.dtype))
+            continue
         if allowed is not None:
             bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
-        rows_query = query[:, :, rows].to(compute)
         outputs.append(denormal_flush.around(attention, rows_query, key32, value32, bias).to(query.dtype))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
 def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact and fastest
-    (causal, fp32, no padding, more than one query), query-chunked blocks everywhere else (see `hf-posenc bench`)."""
-    provider = _provider(module, attention_mask)
+    (causal, fp32, no padding, more than one query, no score extras), query-chunked blocks everywhere else (see
+    `hf-posenc bench`)."""
+    provider, extras = _call(module, attention_mask, kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     masks = attention_mask
     # the column trick needs SDPA's is_causal alignment: queries and keys both start at the first position (a
     # prefill; keys past the queries are unfilled StaticCache slots). A decode step (one query) is faster chunked
     # anyway: one (H, K) bias row instead of extended copies of the whole cache.
-    column_trick_exact = isinstance(provider, AlibiBias) and masks.mask is None and masks.causal
+    column_trick_exact = isinstance(provider, AlibiBias) and masks.mask is None and masks.causal and not extras
     if column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1 and _query_meets_key(masks, 0):
         return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout)
-    return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout)
+    return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout, extras)
 
 
 @functools.cache
@@ -459,12 +566,15 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     every relative distance the call can see ((H, Q + K - 1), not (Q, K)). Masks are block masks: causal from the
     positions, or transformers' boolean mask (padding, windows) when there is one.
 
+    Soft-capping goes into the score_mod; attention sinks do not (use posenc_sdpa, which `posenc_auto` picks for them).
     torch 2.13's flex_attention has no backward on the CPU: training on the CPU runs posenc_sdpa.
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    provider = _provider(module, attention_mask)
+    provider, extras = _call(module, attention_mask, kwargs)
     masks = attention_mask
+    if extras.sinks is not None:
+        raise ValueError("attn_implementation 'posenc_flex' cannot take attention sinks (s_aux); use 'posenc_sdpa'")
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
         raise ValueError(
             "attn_implementation 'posenc_flex' cannot train on the CPU: torch's flex_attention has no CPU backward; "
@@ -476,10 +586,13 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     k_length = key.shape[2]
     q_offset, kv_offset = int(masks.q_positions[0]), int(masks.kv_positions[0])
     first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
-    table = provider.by_distance(torch.arange(first, first + q_length + k_length - 1, device=query.device))
-    offset = q_length - 1
+    distances = torch.arange(first, first + q_length + k_length - 1, device=query.device)
+    table = provider.by_distance(distances, heads, masks.causal)
+    offset, softcap = q_length - 1, extras.softcap
 
     def score_mod(score, b, h, q_index, kv_index):
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
         return score + table[h, kv_index - q_index + offset]
 
     if masks.mask is not None:
@@ -517,9 +630,17 @@ def flash_attn_available() -> bool:
     return torch.cuda.is_available() and is_flash_attn_2_available()
 
 
-def flash_applies(query, provider, masks: ScoreBiasMask) -> bool:
+def _flash_takes_softcap() -> bool:
+    import inspect
+
+    from flash_attn import flash_attn_func
+
+    return "softcap" in inspect.signature(flash_attn_func).parameters
+
+
+def flash_applies(query, provider, masks: ScoreBiasMask, extras: ScoreExtras = ScoreExtras()) -> bool:
     """flash-attn's `alibi_slopes` computes `-m|i + K - Q - j|`: ALiBi without a mask, queries ending at the last key,
-    on CUDA in fp16/bf16."""
+    on CUDA in fp16/bf16, without sinks (soft-capping where the installed flash-attn takes it)."""
     return (
         isinstance(provider, AlibiBias)
         and masks.mask is None
@@ -527,22 +648,27 @@ def flash_applies(query, provider, masks: ScoreBiasMask) -> bool:
         and query.dtype in (torch.float16, torch.bfloat16)
         and _query_meets_key(masks, -1)
         and (masks.causal or len(masks.q_positions) == len(masks.kv_positions))
+        and extras.sinks is None
+        and (extras.softcap is None or _flash_takes_softcap())
     )
 
 
 def posenc_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flash-attn with `alibi_slopes`: the bias is computed inside the kernel (ALiBi only)."""
-    provider = _provider(module, attention_mask)
+    provider, extras = _call(module, attention_mask, kwargs)
     masks = attention_mask
-    if not flash_applies(query, provider, masks):
+    if not flash_applies(query, provider, masks, extras):
         raise ValueError(
-            "attn_implementation 'posenc_flash' runs ALiBi on CUDA in fp16/bf16 without a padding mask or window, with "
-            f"the queries ending at the last key; got posenc {module.config.posenc['type']!r}, {query.device.type} "
-            f"{query.dtype}, mask {'present' if masks.mask is not None else 'none'}; use 'posenc_auto' or "
-            "'posenc_sdpa'"
+            "attn_implementation 'posenc_flash' runs ALiBi on CUDA in fp16/bf16 without a padding mask, window or "
+            "attention sinks, with the queries ending at the last key; got posenc "
+            f"{module.config.posenc['type']!r}, {query.device.type} {query.dtype}, mask "
+            f"{'present' if masks.mask is not None else 'none'}, "
+            f"sinks {'present' if extras.sinks is not None else 'none'}; "
+            "use 'posenc_auto' or 'posenc_sdpa'"
         )
     from flash_attn import flash_attn_func
 
+    options = {} if extras.softcap is None else {"softcap": extras.softcap}
     output = flash_attn_func(
         query.transpose(1, 2),
         key.transpose(1, 2),
@@ -550,49 +676,50 @@ def posenc_flash_attention(module, query, key, value, attention_mask, dropout=0.
         dropout_p=dropout if module.training else 0.0,
         softmax_scale=scaling,
         causal=masks.causal,
-        alibi_slopes=provider.slopes(query.device).float(),
+        alibi_slopes=provider.slopes(query.device, query.shape[1]).float(),
+        **options,
     )
     return output, None  # (B, Q, H, D) already
 
 
-def choose_path(query, provider, masks: ScoreBiasMask, dropout: float, flash_available: bool) -> str:
+def choose_path(
+    query, provider, masks: ScoreBiasMask, dropout: float, flash_available: bool, extras: ScoreExtras = ScoreExtras()
+) -> str:
     """The path `posenc_auto` takes for one call (measured in `hf-posenc bench`, see the README):
 
     - CUDA: flash-attn where it applies and is installed, else compiled flex_attention for prefill and training
-      (no dropout), else SDPA (decode steps: one query row needs no fused kernel);
+      (no dropout, no sinks), else SDPA (decode steps: one query row needs no fused kernel);
     - CPU: SDPA (the ALiBi column trick or chunked blocks): flex has no CPU backward, and for inference it measured
       slower than the column trick and needs a compiler.
     """
     if query.device.type == "cuda":
-        if flash_available and flash_applies(query, provider, masks):
+        if flash_available and flash_applies(query, provider, masks, extras):
             return "flash"
-        if query.shape[2] > 1 and not dropout:
+        if query.shape[2] > 1 and not dropout and extras.sinks is None:
             return "flex"
     return "sdpa"
 
 
 def posenc_auto_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The default for score-bias schemes: the fastest exact path for this call's device, dtype and mask."""
-    provider = _provider(module, attention_mask)
-    path = choose_path(query, provider, attention_mask, dropout if module.training else 0.0, flash_attn_available())
+    provider, extras = _call(module, attention_mask, kwargs, count=False)
+    training_dropout = dropout if module.training else 0.0
+    path = choose_path(query, provider, attention_mask, training_dropout, flash_attn_available(), extras)
     return BIAS_KERNELS[path](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Textbook attention with the bias: the reference. Scores and softmax in float32; returns the weights."""
-    provider = _provider(module, attention_mask)
+    provider, extras = _call(module, attention_mask, kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    bias = provider(attention_mask.q_positions, attention_mask.kv_positions)[None]  # (1, H, Q, K) fp32
-    scores = torch.matmul(query, key.transpose(2, 3)).float() * scaling + bias  # (B, H, Q, K) fp32
-    allowed = attention_mask.block(slice(None))
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    weights = nn.functional.softmax(scores, dim=-1).to(query.dtype)
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, Q, H, D)
-    return output, weights
+    masks = attention_mask
+    bias = provider(masks.q_positions, masks.kv_positions, query.shape[1], masks.causal)[None]  # (1, H, Q, K) fp32
+    output, weights = _scores_attention(
+        query, key, value, bias, masks.block(slice(None)), scaling, dropout, module.training, extras
+    )
+    return output.transpose(1, 2).contiguous(), weights  # (B, Q, H, D)
 
 
 # One name per kernel, registered for both the attention and the mask interface: a name known only to the attention

@@ -12,15 +12,20 @@ Sites:
   the symmetric form and T5's buckets are bidirectional; in decoder mode (`is_decoder=True`) they are causal.
 """
 
+import functools
+
 import torch
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
 from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
 from .posenc_layers import (
+    CACHE_KWARGS,
     LearnedPositionEmbedding,
     PairRotaryEmbedding,
     ZeroPositionEmbedding,
     attend,
+    bind_arguments,
+    cache_of,
     default_position_ids,
     input_position_module,
     rotate_then_cache,
@@ -33,29 +38,38 @@ class RotatingSelfAttentionMixin:
     """BERT-like self-attention that can rotate q and k (RoPE) before the cache update; without
     `position_embeddings` (every scheme but RoPE) it is the stock forward."""
 
-    def forward(self, hidden_states, attention_mask=None, past_key_values=None, position_embeddings=None, **kwargs):
+    def forward(self, hidden_states, *args, position_embeddings=None, **kwargs):
         if position_embeddings is None:
-            return super().forward(
-                hidden_states, attention_mask=attention_mask, past_key_values=past_key_values, **kwargs
-            )
+            return super().forward(hidden_states, *args, **kwargs)
+        stock = next(c for c in type(self).__mro__ if c.__module__.startswith("transformers.models."))
+        named = bind_arguments(stock.forward, self, hidden_states, *args, **kwargs)
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.attention_head_size)
         query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, D)
         key = self.key(hidden_states).view(shape).transpose(1, 2)
         value = self.value(hidden_states).view(shape).transpose(1, 2)
-        query, key, value = rotate_then_cache(self, query, key, value, position_embeddings, past_key_values)
+        query, key, value = rotate_then_cache(self, query, key, value, position_embeddings, cache_of(named))
         dropout = self.dropout.p if self.training else 0.0
+        passed = {k: v for k, v in named.items() if k not in ("hidden_states", "attention_mask", *CACHE_KWARGS)}
         attn_output, attn_weights = attend(
-            self, query, key, value, attention_mask, dropout, eager_attention_forward, **kwargs
+            self, query, key, value, named.get("attention_mask"), dropout, eager_attention_forward, **passed
         )
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights
 
 
-class BertLikeAdapter:
-    """Place after `PosencPreTrainedMixin` and before the stock base model; `posenc_attention_class` is the
-    architecture's self-attention class with `RotatingSelfAttentionMixin` in front."""
+@functools.cache
+def rotating_class(attention_class: type) -> type:
+    """`attention_class` (BertSelfAttention, RobertaSelfAttention) with `RotatingSelfAttentionMixin` in front."""
+    return type(f"Posenc{attention_class.__name__}", (RotatingSelfAttentionMixin, attention_class), {})
 
-    posenc_attention_class: type
+
+class BertLikeAdapter:
+    """Place after `PosencPreTrainedMixin` and before the stock base model (BertModel, RobertaModel)."""
+
+    native_posenc = "learned"
+    #: the rotary step is the plugin's own (`apply_rope`), which rotates part of the head natively
+    rotates_part = True
+    extra_heads = ()
 
     def _self_attentions(self):
         return [layer.attention.self for layer in self.encoder.layer]
@@ -75,21 +89,21 @@ class BertLikeAdapter:
             embeddings.position_embeddings = table if table is not None else ZeroPositionEmbedding()
         self.rotary_emb = PairRotaryEmbedding(config) if site == "rotation" else None
         for attention in self._self_attentions():
-            upgrade(attention, self.posenc_attention_class)
-        provider = score_bias_module(posenc, config.num_attention_heads, bidirectional=not config.is_decoder)
+            upgrade(attention, rotating_class(type(attention)))
+        provider = score_bias_module(posenc, config.num_attention_heads)
         attach_score_bias(self, self._self_attentions(), provider)
 
-    def default_position_ids(self, input_ids, inputs_embeds, past_key_values) -> torch.Tensor:
+    def default_position_ids(self, input_ids, inputs_embeds, cache) -> torch.Tensor:
         """The architecture's own default positions (BERT: counting from the cache; RoBERTa overrides this)."""
         reference = input_ids if input_ids is not None else inputs_embeds[..., 0]
-        return default_position_ids(reference.shape[-1], past_key_values, reference.device)
+        return default_position_ids(reference.shape[-1], cache, reference.device)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
-        inputs_embeds, past_key_values = kwargs.get("inputs_embeds"), kwargs.get("past_key_values")
+        inputs_embeds, cache = kwargs.get("inputs_embeds"), cache_of(kwargs)
         # The stock defaults slice buffers max_position_embeddings long; the same values computed here are not bound
         # by it (relative schemes, grown tables).
         if position_ids is None:
-            position_ids = self.default_position_ids(input_ids, inputs_embeds, past_key_values)
+            position_ids = self.default_position_ids(input_ids, inputs_embeds, cache)
         if token_type_ids is None:
             shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=position_ids.device)
@@ -102,3 +116,19 @@ class BertLikeAdapter:
             position_ids=position_ids,
             **kwargs,
         )
+
+
+class BertAdapter(BertLikeAdapter):
+    """BERT: positions count from the cache."""
+
+
+class RobertaAdapter(BertLikeAdapter):
+    """RoBERTa: its own padding-aware positions."""
+
+    def default_position_ids(self, input_ids, inputs_embeds, cache):
+        """RoBERTa's own rule: count real tokens from padding_idx + 1, padding keeps padding_idx."""
+        padding_idx = self.embeddings.padding_idx
+        if input_ids is None:
+            return self.embeddings.create_position_ids_from_inputs_embeds(inputs_embeds, padding_idx)
+        past = cache.get_seq_length() if cache is not None else 0
+        return self.embeddings.create_position_ids_from_input_ids(input_ids, padding_idx, past)

@@ -12,6 +12,8 @@ Shape legend: B batch, H heads, Q query length, K key/value length, D head dim, 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import shutil
 import sys
@@ -294,12 +296,34 @@ def apply_rope(query: torch.Tensor, key: torch.Tensor, turns: torch.Tensor):
     return _turn_both(query, key, turns)
 
 
-def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings, past_key_values):
+#: the keyword a forward's KV cache arrives under: `cache` from transformers 5.24, `past_key_values` before
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def cache_of(arguments: dict):
+    """The KV cache among a forward's keyword arguments, whichever name this transformers release gives it."""
+    return next((arguments[name] for name in CACHE_KWARGS if arguments.get(name) is not None), None)
+
+
+def bind_arguments(function, *args, **kwargs) -> dict:
+    """The arguments of a call to `function` (the instance and the hidden states first), by name, with the keyword
+    catch-all merged in: lets an override read what it needs (the cache, the mask) whatever the stock signature calls
+    it or however the caller passed it. Keyword-only calls need no signature (so torch.compile traces them)."""
+    if len(args) <= 2:  # self and the hidden states, everything else by keyword: how transformers calls them
+        return dict(kwargs)
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    named = dict(bound.arguments)
+    for name, parameter in inspect.signature(function).parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named
+
+
+def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings, cache):
     """RoPE on q and k (B, H, T, D), then the self-attention cache update: the order every rotary model keeps, so the
     cache holds rotated keys. For attention modules of architectures without a rotary step of their own."""
     query, key = apply_rope(query, key, position_embeddings)
-    if past_key_values is not None:
-        cache = past_key_values
+    if cache is not None:
         if isinstance(cache, EncoderDecoderCache):
             cache = cache.self_attention_cache
         key, value = cache.update(key, value, module.layer_idx)
@@ -315,55 +339,84 @@ def attend(module: nn.Module, query, key, value, attention_mask, dropout: float,
     )
 
 
-class PositionFreeRotary(nn.Module):
-    """Stands in for an architecture's rotary module when the scheme is not RoPE: cos=1, sin=0 rotates nothing.
+def _unrotated(output):
+    """A rotary module's output with every rotation made the identity, in the same structure, shapes and dtypes:
+    cos = 1 and sin = 0 for real (cos, sin) pairs, 1 + 0j for complex `freqs_cis`. `q * 1 + rotate(q) * 0` is exactly
+    q in every layout (half-split, interleaved, natively partial, the rope part of MLA), so no layout knowledge is
+    needed."""
+    if isinstance(output, torch.Tensor):
+        if output.is_complex():
+            return torch.ones((), dtype=output.dtype, device=output.device).expand(output.shape)
+    elif isinstance(output, dict):
+        return {key: _unrotated(value) for key, value in output.items()}
+    elif isinstance(output, (tuple, list)) and output:
+        if len(output) == 2 and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in output):
+            cos, sin = output
+            one = torch.ones((), dtype=cos.dtype, device=cos.device).expand(cos.shape)
+            return type(output)((one, torch.zeros((), dtype=sin.dtype, device=sin.device).expand(sin.shape)))
+        return type(output)(_unrotated(item) for item in output)
+    raise TypeError(
+        f"cannot make a rotary module's output position-free: {type(output).__name__} is neither a complex tensor nor "
+        "a (cos, sin) pair"
+    )
 
-    `q * 1 + rotate_half(q) * 0` is exactly q, so attention sees no position through this site.
-    """
 
-    def __init__(self, head_dim: int):
-        super().__init__()
-        self.head_dim = head_dim
+class PositionFreeRotaryMixin:
+    """Put in front of a stock rotary module's class (in place, see `upgrade`) when the scheme is not RoPE: the stock
+    module still computes (so every attribute a model reads from it stays), and its output becomes the identity
+    rotation (`_unrotated`). Weight names and buffers are the stock ones."""
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (*position_ids.shape, self.head_dim)
-        one = torch.ones((), dtype=x.dtype, device=x.device).expand(shape)
-        return one, torch.zeros((), dtype=x.dtype, device=x.device).expand(shape)
+    #: forwards of this module (the adapter checks that a model forward made some)
+    posenc_calls = 0
+
+    def forward(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            self.posenc_calls += 1
+        return _unrotated(super().forward(*args, **kwargs))
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# The model side shared by every architecture
-# --------------------------------------------------------------------------------------------------------------------
+@functools.cache
+def position_free_class(rotary_class: type) -> type:
+    return type(f"PositionFree{rotary_class.__name__}", (PositionFreeRotaryMixin, rotary_class), {})
+
+
+def rotary_modules(model: nn.Module) -> list[nn.Module]:
+    """Every rotary module in `model`: transformers names their classes `*RotaryEmbedding` (or `*RotaryEmbeddings`)."""
+    return [module for module in model.modules() if "RotaryEmbedding" in type(module).__name__]
 
 
 class RotarySlotAdapter:
-    """The adapter of base models with a model-level `rotary_emb` whose cos/sin every layer applies before its cache
-    update (Llama, Mistral, Qwen2, GPT-NeoX). Place it after `PosencPreTrainedMixin`, before the stock base model.
+    """The adapter of every base model that computes RoPE in rotary modules and runs attention through
+    transformers' AttentionInterface (the Llama pattern). Place it after `PosencPreTrainedMixin`, before the stock
+    base model; it needs no knowledge of the architecture:
 
-    - input embedding: no absolute table natively; `embed_positions` (learned or sinusoidal) is added to the token
-      embeddings in `forward`, and is None for every other scheme;
-    - q/k rotation: the `rotary_emb` slot holds `PosencRotaryEmbedding` for RoPE and `PositionFreeRotary` (cos=1,
-      sin=0) for every other scheme;
-    - score bias: one provider on the base model (`position_bias`), shared by every layer's attention.
+    - input embedding: the model has no absolute table; `embed_positions` (learned or sinusoidal) is added to the
+      token embeddings (`get_input_embeddings()`) in `forward`, and is None for every other scheme;
+    - q/k rotation: RoPE is computed by the stock rotary modules from `rope_parameters`, which the config derives
+      from `posenc`; for every other scheme each rotary module returns the identity rotation (`_unrotated`);
+    - score bias: one provider on the base model (`position_bias`), reached by every module in it, so the `posenc_*`
+      attention functions find it whichever module calls them.
     """
 
-    #: attribute of the token embedding on the base model
-    token_embedding_name = "embed_tokens"
-    #: attribute of the attention module on each element of `self.layers`
-    attention_name = "self_attn"
-    #: False where the architecture's apply_rotary_pos_emb rotates only cos.shape[-1] dims (native partial rotary)
-    pad_partial_rotary = True
+    native_posenc = "rope"
+    extra_heads = ()
+    #: whether RoPE rotates part of the head natively: read from the stock config (None)
+    rotates_part = None
 
     def install_posenc(self) -> None:
         config, posenc = self.config, self.config.posenc
-        token_embedding = getattr(self, self.token_embedding_name)
-        self.embed_positions = input_position_module(posenc, config.hidden_size, token_embedding)
-        if get_scheme(posenc["type"]).site == "rotation":
-            self.rotary_emb = PosencRotaryEmbedding(config, pad_to_head_dim=self.pad_partial_rotary)
-        else:
-            self.rotary_emb = PositionFreeRotary(head_dim_of(config))
-        provider = score_bias_module(posenc, config.num_attention_heads, bidirectional=False)
-        attach_score_bias(self, [getattr(layer, self.attention_name) for layer in self.layers], provider)
+        rotaries = rotary_modules(self)
+        if not rotaries:
+            raise ValueError(
+                f"{type(self).__name__} has no rotary module (a class named *RotaryEmbedding): hf_posenc cannot place "
+                f"posenc on {config.base_model_type!r} without an adapter of its own"
+            )
+        self.embed_positions = input_position_module(posenc, config.hidden_size, self.get_input_embeddings())
+        if get_scheme(posenc["type"]).site != "rotation":
+            for rotary in rotaries:
+                upgrade(rotary, position_free_class(type(rotary)))
+        provider = score_bias_module(posenc, config.num_attention_heads)
+        attach_score_bias(self, list(self.modules()), provider)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         if self.embed_positions is not None:
@@ -371,17 +424,48 @@ class RotarySlotAdapter:
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
             if inputs_embeds is None:
-                inputs_embeds, input_ids = getattr(self, self.token_embedding_name)(input_ids), None
+                inputs_embeds, input_ids = self.get_input_embeddings()(input_ids), None
             if position_ids is None:
-                past = kwargs.get("past_key_values")
-                position_ids = default_position_ids(inputs_embeds.shape[1], past, inputs_embeds.device)
+                position_ids = default_position_ids(inputs_embeds.shape[1], cache_of(kwargs), inputs_embeds.device)
             kwargs["inputs_embeds"] = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
+        if torch.compiler.is_compiling():
+            return super().forward(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+            )
+        before = self._posenc_calls()
+        output = super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        self._check_posenc_applied(before)
+        return output
+
+    def _posenc_calls(self) -> tuple[int, int]:
+        """(bias kernel calls, position-free rotary calls) so far: a forward must add to the ones its scheme needs."""
+        rotary = sum(m.posenc_calls for m in self.modules() if isinstance(m, PositionFreeRotaryMixin))
+        return (self.position_bias.calls if self.position_bias is not None else 0), rotary
+
+    def _check_posenc_applied(self, before: tuple[int, int]) -> None:
+        """Raise where the forward never reached the site of the scheme: nothing may fail silently."""
+        site = get_scheme(self.config.posenc["type"]).site
+        bias_calls, rotary_calls = (now - then for now, then in zip(self._posenc_calls(), before))
+        if site == "bias" and not bias_calls:
+            raise ValueError(
+                f"posenc {self.config.posenc['type']!r} adds its bias in the posenc attention functions, but no "
+                f"attention of {type(self).__name__} called them (attn_implementation "
+                f"{self.config._attn_implementation!r}): this architecture does not dispatch attention through "
+                "transformers' AttentionInterface; use learned, sinusoidal, rope or nope"
+            )
+        if site != "rotation" and not rotary_calls:
+            raise ValueError(
+                f"posenc {self.config.posenc['type']!r} removes RoPE by making the rotary modules rotate nothing, but "
+                f"{type(self).__name__} did not call them in this forward, so its rotation may still apply; hf_posenc "
+                "cannot place this scheme on this architecture"
+            )
 
 
-def default_position_ids(length: int, past_key_values, device: torch.device) -> torch.Tensor:
+def default_position_ids(length: int, cache, device: torch.device) -> torch.Tensor:
     """(1, length) positions following whatever the cache already holds, as transformers' models compute them."""
-    past = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past = cache.get_seq_length() if cache is not None else 0
     return (torch.arange(length, device=device) + past).unsqueeze(0)
 
 
@@ -392,7 +476,9 @@ def upgrade(module: nn.Module, cls: type) -> nn.Module:
     module.__class__ = cls
     if isinstance(module, PreTrainedModel):
         # output capture (output_attentions / output_hidden_states) looks models up by class, registered in __init__
-        _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+        # the registry is keyed by the class name (5.23 made it a dict subclass that derives the key from a model it
+        # is given; before, callers passed the name): set the name itself, which every release reads
+        dict.__setitem__(_CAN_RECORD_REGISTRY, str(type(module)), module._can_record_outputs)
     return module
 
 
@@ -447,21 +533,22 @@ class PosencPreTrainedMixin:
                 f"{attn_implementation!r} cannot do; allowed: {', '.join(repr(k) for k in kernels if k)}, their "
                 f"'posenc_' forms, or unset (posenc_auto picks the path per call)"
             )
-        if attn_implementation == "flex_attention":  # the posenc kernel is its own: only torch must have flex
-            if not is_torch_flex_attn_available():
-                raise ImportError(
-                    f"attn_implementation 'posenc_flex' needs flex_attention, which torch {torch.__version__} lacks"
-                )
-        else:  # transformers checks that the stock kernel is usable (flash-attn installed, sdpa supported)
+        # the posenc kernels are their own (they apply soft-capping and sinks where the stock SDPA path of an
+        # architecture cannot): only flex must exist in torch, and flash-attn be installed and usable
+        if attn_implementation == "flex_attention" and not is_torch_flex_attn_available():
+            raise ImportError(
+                f"attn_implementation 'posenc_flex' needs flex_attention, which torch {torch.__version__} lacks"
+            )
+        if attn_implementation == "flash_attention_2":
             super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
         return f"posenc_{kernels[attn_implementation]}"
 
-    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values, **kwargs):
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """`generate` prepares masks in advance for compileable caches (StaticCache); a bias scheme keeps the 2-D mask
         instead, so that each forward's mask function still sees the cache coordinates its bias needs."""
         if get_scheme(config.posenc["type"]).site == "bias":
             return attention_mask
-        return create_masks_for_generate(config, inputs_embeds, attention_mask, past_key_values, **kwargs)
+        return create_masks_for_generate(config, inputs_embeds, attention_mask, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -500,42 +587,29 @@ def realign_loaded_tensors(model: nn.Module) -> int:
     return moved
 
 
-def write_code_closure(cls: type, folder: str | os.PathLike) -> list[Path]:
-    """Copy the file defining `cls` and every sibling it imports relatively into `folder` (what `auto_map` loads)."""
-    source = sys.modules[cls.__module__].__file__
+def write_code_closure(model_class: type, folder: str | os.PathLike) -> list[Path]:
+    """Write what `auto_map` loads into `folder`: the factory and every sibling it imports relatively, plus the two
+    generated stubs of `model_class`'s architecture."""
+    from .posenc_factory import stub_sources
+
+    source = sys.modules[model_class.__module__].__file__
     written = []
     for path in [source, *get_relative_import_files(source)]:
         target = Path(folder) / Path(path).name
         if not target.exists() or target.read_bytes() != Path(path).read_bytes():
             shutil.copyfile(path, target)
         written.append(target)
+    for name, text in stub_sources(model_class.config_class).items():
+        target = Path(folder) / name
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+        written.append(target)
     return written
 
 
-def _inherit_conversion_mapping(posenc_key: str, stock_key: str) -> None:
+def inherit_conversion_mapping(posenc_key: str, stock_key: str) -> None:
     """Give a posenc class or model type the checkpoint key renamings of its stock twin (e.g. GPT-NeoX's
     `embed_out.` -> `lm_head.`), so stock checkpoints load and posenc ones save under the stock names."""
     mapping = get_checkpoint_conversion_mapping(stock_key)
     if mapping is not None:
         register_checkpoint_conversion_mapping(posenc_key, mapping, overwrite=True)
-
-
-def register_model_classes(config_class: type, base_class: type, namespace: dict) -> None:
-    """Finish an architecture's modeling file: point every posenc class in it at the base class, and register the
-    classes named in `config_class.auto_map_entries` with transformers' Auto classes.
-
-    Run when a modeling file is imported, by the plugin and by a `trust_remote_code` load alike: heads such as
-    `LlamaForSequenceClassification` build their base model through `AutoModel`, which must know the config class.
-    The model *type* is registered with AutoConfig by the plugin only: registering it here would let a later load
-    of another folder in the same process run without `trust_remote_code`.
-    """
-    for value in namespace.values():
-        if isinstance(value, type) and issubclass(value, PosencPreTrainedMixin) and issubclass(value, PreTrainedModel):
-            value.posenc_base_class = base_class
-            stock = next(c for c in value.__mro__ if c.__module__.startswith("transformers.models."))
-            _inherit_conversion_mapping(value.__name__, stock.__name__)
-    _inherit_conversion_mapping(config_class.model_type, config_class.base_model_type)
-    for auto_name, reference in config_class.auto_map_entries.items():
-        if auto_name != "AutoConfig":
-            model_class = namespace[reference.rsplit(".", 1)[1]]
-            getattr(transformers, auto_name).register(config_class, model_class, exist_ok=True)

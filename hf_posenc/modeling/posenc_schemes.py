@@ -17,6 +17,7 @@ Shape legend used in docstrings: B batch, H heads, Q query length, K key/value l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -27,6 +28,9 @@ import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 SITES = ("embedding", "rotation", "bias", "none")
+
+#: hf_posenc's version, recorded in the files a saved model ships (this file cannot import the package)
+PLUGIN_VERSION = "0.2.0"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -374,19 +378,44 @@ _NEEDS_ORIGINAL_LENGTH = ("yarn", "longrope", "llama3")
 
 def rope_types() -> list[str]:
     """Every accepted rope_type: transformers' `ROPE_INIT_FUNCTIONS` (read live), `default` and static `ntk`."""
-    return sorted({"default", "ntk", *ROPE_INIT_FUNCTIONS})
+    return sorted({"default", "ntk", *(t for t in ROPE_INIT_FUNCTIONS if not t.startswith(PARTIAL_PREFIX))})
 
 
 def head_dim_of(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def rotary_head_dim_of(config: Any) -> int:
+    """The width RoPE acts on: the head, or its rope part under multi-head latent attention (`qk_rope_head_dim`)."""
+    return getattr(config, "qk_rope_head_dim", None) or head_dim_of(config)
+
+
 def rotary_dim_of(config: Any, partial_rotary_factor: float) -> int:
-    return int(head_dim_of(config) * partial_rotary_factor)
+    return int(rotary_head_dim_of(config) * partial_rotary_factor)
+
+
+def nested_rope_keys(rope_parameters: Any) -> list[str]:
+    """The layer types of per-layer-type `rope_parameters` ({"full_attention": {...}, "sliding_attention": {...}}),
+    or [] for one flat dict."""
+    if not isinstance(rope_parameters, Mapping) or "rope_type" in rope_parameters or "rope_theta" in rope_parameters:
+        return []
+    return [key for key, value in rope_parameters.items() if isinstance(value, Mapping) or value is None]
+
+
+def reference_rope_parameters(rope_parameters: Any) -> dict:
+    """The flat RoPE settings `posenc` is read against: the dict itself, or the full-attention entry of a per-layer
+    one (the first entry where there is none)."""
+    keys = nested_rope_keys(rope_parameters)
+    if not keys:
+        return dict(rope_parameters or {})
+    key = "full_attention" if "full_attention" in keys else next((k for k in keys if rope_parameters[k]), keys[0])
+    return dict(rope_parameters[key] or {})
 
 
 def _normalize_rope(params: dict, config: Any) -> dict:
-    native = dict(getattr(config, "rope_parameters", None) or {})
+    native = reference_rope_parameters(getattr(config, "rope_parameters", None))
+    if str(native.get("rope_type", "")).startswith(PARTIAL_PREFIX):  # a partial rotation posenc derived: its own type
+        native = {k: v for k, v in native.items() if k != "inner_rope_type"} | {"rope_type": native["inner_rope_type"]}
     rope_type = params.get("rope_type", native.get("rope_type", "default") if native else "default")
     if rope_type not in rope_types():
         raise ValueError(f"posenc 'rope': unknown rope_type {rope_type!r}; allowed: {', '.join(rope_types())}")
@@ -425,14 +454,75 @@ register_scheme(
 )
 
 
-def hf_rope_parameters(posenc: Mapping, config: Any) -> dict:
-    """The transformers `rope_parameters` dict that realises a normalised rope spec (static NTK becomes `default`)."""
+def hf_rope_parameters(posenc: Mapping, config: Any, rotates_part: bool = True) -> dict:
+    """The transformers `rope_parameters` dict that realises a normalised rope spec.
+
+    Static NTK becomes `default` with the scaled base. `rotates_part`: whether the architecture's rotary step rotates
+    only the first `partial_rotary_factor` of the head natively (GPT-NeoX, Phi); where it always rotates the whole
+    head (Llama), a partial rotation is the `posenc_partial` rope_type (see `partial_rope_parameters`).
+    """
     params = {k: v for k, v in posenc.items() if k != "type"}
     if params["rope_type"] == "ntk":
         rotary_dim = rotary_dim_of(config, params["partial_rotary_factor"])
         theta = ntk_scaled_rope_theta(params["rope_theta"], params["factor"], rotary_dim)
-        return {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": params["partial_rotary_factor"]}
+        params = {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": params["partial_rotary_factor"]}
+    if params["partial_rotary_factor"] < 1 and not rotates_part:
+        if params["rope_type"] not in PARTIAL_INNER_TYPES:
+            raise ValueError(
+                f"posenc 'rope': {getattr(config, 'base_model_type', 'this architecture')!r} rotates the whole head, "
+                f"where partial_rotary_factor < 1 works with rope_type {', '.join(PARTIAL_INNER_TYPES)}, not "
+                f"{posenc['rope_type']!r} (transformers switches longrope's frequencies by the type's name)"
+            )
+        return {**params, "rope_type": PARTIAL_PREFIX + params["rope_type"], "inner_rope_type": params["rope_type"]}
     return params
+
+
+#: rope_type prefix of a partial rotation on an architecture that rotates the whole head: `posenc_partial_<inner>`
+#: is registered with transformers' ROPE_INIT_FUNCTIONS for every inner type (the name keeps "dynamic" where
+#: transformers' dynamic update looks for it), so the stock rotary modules, their updates and `_init_weights` all
+#: compute it
+PARTIAL_PREFIX = "posenc_partial_"
+PARTIAL_INNER_TYPES = tuple(sorted({"default", *ROPE_INIT_FUNCTIONS} - {"longrope"}))
+
+
+def _inner_view(config: Any, layer_type: str | None) -> Any:
+    """A shallow copy of `config` whose (layer type's) rope_parameters name the inner rope_type of a partial one."""
+    view = copy.copy(config)
+    params = config.rope_parameters[layer_type] if layer_type is not None else config.rope_parameters
+    inner = {k: v for k, v in params.items() if k != "inner_rope_type"} | {"rope_type": params["inner_rope_type"]}
+    view.__dict__["rope_parameters"] = {**config.rope_parameters, layer_type: inner} if layer_type else inner
+    return view
+
+
+def partial_rope_parameters(config: Any, device=None, seq_len=None, layer_type=None, **kwargs):
+    """Inverse frequencies of partial RoPE where the rotary step rotates the whole head: the inner rope_type's
+    frequencies over the rotary width `r = head * partial_rotary_factor` (every rope_type honours that width), then
+    zeros up to the head. A zero frequency turns its pair by 0 (cos 1, sin 0), so the last pairs pass unrotated in
+    every layout; the rotated pairs keep `theta^(-2i/r)` (scaled as the inner type scales them)."""
+    view = _inner_view(config, layer_type)
+    params = view.rope_parameters[layer_type] if layer_type is not None else view.rope_parameters
+    rotary_dim = rotary_dim_of(config, params.get("partial_rotary_factor", 1.0))
+    if params["rope_type"] == "default":
+        exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
+        inv_freq, scaling = 1.0 / (params["rope_theta"] ** (exponents / rotary_dim)), 1.0
+    else:
+        options = {} if layer_type is None else {"layer_type": layer_type}
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](view, device, seq_len=seq_len, **options)
+    missing = rotary_head_dim_of(config) // 2 - inv_freq.shape[-1]
+    return torch.cat([inv_freq, inv_freq.new_zeros(missing)]), scaling
+
+
+def _validate_partial(self, rope_parameters: dict, ignore_keys=None) -> None:
+    """transformers' validation of a `posenc_partial_<inner>` entry: that of its inner rope_type."""
+    inner = {k: v for k, v in rope_parameters.items() if k != "inner_rope_type"}
+    inner["rope_type"] = rope_parameters["inner_rope_type"]
+    validate = getattr(self, f"_validate_{inner['rope_type']}_rope_parameters", None)
+    if validate is not None:
+        validate(inner, ignore_keys=ignore_keys)
+
+
+for _inner in PARTIAL_INNER_TYPES:
+    ROPE_INIT_FUNCTIONS[PARTIAL_PREFIX + _inner] = partial_rope_parameters
 
 
 class PosencConfigMixin:
@@ -442,25 +532,72 @@ class PosencConfigMixin:
     plus three class attributes: `base_model_type` (the stock model_type), `native_posenc` (the scheme the stock
     architecture uses, taken when `posenc` is None) and `auto_map_entries` (every Auto class -> "module.Class" of the
     shipped code, written to config.json so that `trust_remote_code` finds each head).
-    For RoPE, `rope_parameters` is derived from `posenc` here, so the rotary modules read transformers' own field.
+
+    For RoPE, `rope_parameters` is derived from `posenc` here, so the stock rotary modules read transformers' own
+    field. Per-layer-type `rope_parameters` (Gemma 3, ModernBERT, OLMo 3, ...) are read against their full-attention
+    entry: they are kept as they are when `posenc` equals it (so the native scheme is the stock model), and otherwise
+    every layer type gets the RoPE `posenc` asks for.
     """
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.posenc = normalize_posenc(self.posenc, self, default=self.native_posenc)
         if self.posenc["type"] == "rope":
-            self.rope_parameters = hf_rope_parameters(self.posenc, self)
+            self.rope_parameters = self.derived_rope_parameters()
             self.validate_rope()
-        elif "rope_parameters" in self.__dict__ and "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
-            del self.rope_parameters  # left from an earlier rope scheme on an architecture without native RoPE
+        elif self.native_posenc != "rope" and "rope_parameters" in self.__dict__:
+            if "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
+                del self.rope_parameters  # left from an earlier rope scheme on an architecture without native RoPE
         self.auto_map = dict(self.auto_map_entries)
+
+    @classmethod
+    def rotates_part_natively(cls) -> bool:
+        """Whether the architecture's own RoPE rotates part of the head (its default config says so: GPT-NeoX, Phi,
+        StableLM); if not, a partial rotation goes through the `proportional` type (see `hf_rope_parameters`)."""
+        if getattr(cls, "_rotates_part", None) is None:
+            stock = next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+            try:
+                native = reference_rope_parameters(getattr(stock(), "rope_parameters", None))
+            except Exception:  # a stock config that cannot be built with its defaults
+                native = {}
+            cls._rotates_part = (native.get("partial_rotary_factor") or 1.0) < 1
+        return cls._rotates_part
+
+    def derived_rope_parameters(self):
+        """`rope_parameters` as `posenc` (a rope spec) makes them, in the shape this config's own take."""
+        flat = hf_rope_parameters(self.posenc, self, self.rotates_part_natively())
+        current = getattr(self, "rope_parameters", None)
+        layer_types = nested_rope_keys(current)
+        if not layer_types:
+            return flat
+        if self.posenc == normalize_posenc("rope", self):
+            return current  # posenc is the native scheme: every layer type keeps its own settings
+        return {layer_type: dict(flat) for layer_type in layer_types}
+
+    def rope_parameters_to_hand_on(self):
+        """The `rope_parameters` a new config of another scheme takes as the architecture's own (`with_posenc`): this
+        config's, unless they were derived from a rope spec that transformers cannot state directly (static NTK, a
+        partial rotation given as `proportional`), in which case the spec's own settings, in the same shape."""
+        current = getattr(self, "rope_parameters", None)
+        if self.posenc["type"] != "rope" or self.posenc == normalize_posenc("rope", self):
+            return current
+        flat = {k: v for k, v in self.posenc.items() if k != "type"}
+        if flat["rope_type"] == "ntk":  # not a transformers rope_type: hand on the unscaled base
+            flat = {"rope_type": "default", **{k: flat[k] for k in ("rope_theta", "partial_rotary_factor")}}
+        layer_types = nested_rope_keys(current)
+        return {layer_type: dict(flat) for layer_type in layer_types} if layer_types else flat
 
     def check_rope_parameters(self) -> None:
         """Refuse `rope_parameters` edited by hand: the model would be built from them but reloaded from `posenc`."""
         if self.posenc["type"] != "rope":
             return
-        expected = hf_rope_parameters(self.posenc, self)
-        current = {key: (self.rope_parameters or {}).get(key) for key in expected}
+        expected, current = self.derived_rope_parameters(), self.rope_parameters or {}
+        layer_types = nested_rope_keys(expected)
+        if layer_types:
+            expected = {lt: expected[lt] for lt in layer_types}
+            current = {lt: {k: (current.get(lt) or {}).get(k) for k in expected[lt] or {}} for lt in layer_types}
+        else:
+            current = {key: current.get(key) for key in expected}
         if current != expected:
             raise ValueError(
                 f"config.rope_parameters {current} no longer match config.posenc {self.posenc}: the scheme is read "
@@ -492,3 +629,7 @@ class PosencConfigMixin:
                 f"output_attentions needs the eager attention implementation, got {self._attn_implementation!r}; "
                 "pass attn_implementation='eager'"
             )
+
+
+for _inner in PARTIAL_INNER_TYPES:
+    setattr(PosencConfigMixin, f"_validate_{PARTIAL_PREFIX}{_inner}_rope_parameters", _validate_partial)

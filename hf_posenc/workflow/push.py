@@ -10,17 +10,14 @@ TRAINING_RECORD = "hf_posenc_training.json"  # written next to a model by `hf-po
 
 
 def _model_class(config):
-    """The posenc class named in `config.architectures` (any head), from the plugin's modeling modules."""
-    import importlib
+    """The posenc class named in `config.architectures` (any head, the base model when none is named)."""
+    from ..auto import model_classes
 
-    from ..auto import ARCHITECTURES
-
-    posenc_class = ARCHITECTURES[config.base_model_type]
-    name = (config.architectures or [posenc_class.auto_map_entries["AutoModel"].split(".")[1]])[0]
-    module = importlib.import_module(f"hf_posenc.modeling.modeling_posenc_{config.base_model_type}")
-    if not hasattr(module, name):
+    classes = model_classes(config.base_model_type)
+    name = (config.architectures or [config.auto_map_entries["AutoModel"].split(".")[1]])[0]
+    if name not in classes:
         raise ValueError(f"{name} is not a posenc model class of {config.base_model_type}")
-    return getattr(module, name)
+    return classes[name]
 
 
 def build_hub_folder(

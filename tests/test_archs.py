@@ -1,0 +1,167 @@
+"""The smoke contract on every architecture the support matrix calls verified (hf_posenc.archs.VERIFIED), with tiny
+configs and random weights: what `hf-posenc archs` says "verified" means.
+
+- identity: the native scheme with the stock weights gives the stock logits bit for bit, with sdpa and eager (where
+  the stock model has them);
+- alibi, t5_bias, nope and sinusoidal change the function, relative schemes ignore a shift of every position and
+  sinusoidal does not;
+- generation with the KV cache equals one full forward (alibi and rope), left padding included;
+- save/load through the Auto classes is bit-exact, and a stock checkpoint converts with `from_pretrained(posenc=)`;
+- every head transformers registers is built with the scheme in place.
+The no-plugin `trust_remote_code` load runs on a rotating subset (tests/test_remote.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+import hf_posenc
+from hf_posenc import archs
+
+VOCAB, T = 96, 10
+ARCHS = archs.verified()
+ENCODERS = [arch for arch in ARCHS if arch in MODEL_FOR_MASKED_LM_MAPPING_NAMES]  # BERT has a causal head too
+DECODERS = [arch for arch in ARCHS if arch not in ENCODERS]
+
+
+@functools.cache
+def tiny(arch: str):
+    """The arch's small config: 2 layers, sharp attention (std 0.2) so position effects are far above rounding."""
+    return archs.small_config(arch, vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, **archs.TEST_SIZE)
+
+
+def auto_class(arch: str):
+    return AutoModelForMaskedLM if arch in ENCODERS else AutoModelForCausalLM
+
+
+@functools.cache
+def stock_state(arch: str) -> dict:
+    torch.manual_seed(0)
+    return auto_class(arch).from_config(copy.deepcopy(tiny(arch))).state_dict()
+
+
+def build(arch: str, posenc=None, **kwargs):
+    """A model of `arch` (stock when posenc is None) carrying the stock weights; positional tensors the stock model
+    lacks (a T5 table, a learned table) are drawn at std 1 so that they matter."""
+    model = auto_class(arch).from_config(copy.deepcopy(tiny(arch)), posenc=posenc, **kwargs)
+    missing = model.load_state_dict(stock_state(arch), strict=False).missing_keys
+    with torch.no_grad():
+        for name in missing:
+            model.get_parameter(name).normal_(0.0, 1.0)
+    return model.eval()
+
+
+def tokens(batch=2, length=T, seed=1):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x, **kwargs):
+    with torch.no_grad():
+        return model(x, **kwargs).logits
+
+
+def stock_supports(arch: str, implementation: str) -> bool:
+    try:
+        auto_class(arch).from_config(copy.deepcopy(tiny(arch)), attn_implementation=implementation)
+    except ValueError:  # e.g. gemma2 and gpt_oss have no stock SDPA path
+        return False
+    return True
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_native_scheme_is_the_stock_model(arch, implementation):
+    if not stock_supports(arch, implementation):
+        pytest.skip(f"stock {arch} has no {implementation} attention")
+    stock = build(arch, attn_implementation=implementation)
+    native = build(arch, hf_posenc.ARCHITECTURES[arch].native_posenc, attn_implementation=implementation)
+    x = tokens()
+    assert torch.equal(logits(native, x), logits(stock, x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_scheme_changes_the_function(arch):
+    """Each scheme computes another function than NoPE and than the native scheme; relative ones (alibi, t5_bias,
+    nope) ignore a shift of every position, sinusoidal does not."""
+    x = tokens()
+    positions = torch.arange(T)[None].expand(2, T)
+    results = {}
+    for scheme in ("nope", "alibi", "t5_bias", "sinusoidal", "rope"):
+        if not archs.takes(arch, scheme):
+            continue
+        model = build(arch, scheme)
+        results[scheme] = base = logits(model, x, position_ids=positions)
+        shifted = logits(model, x, position_ids=positions + 5)
+        if scheme == "sinusoidal":
+            assert (base - shifted).abs().max() > 1e-2, "sinusoidal must see absolute positions"
+        else:
+            torch.testing.assert_close(shifted, base, atol=2e-5, rtol=1e-4)
+    for scheme, out in results.items():
+        if scheme != "nope":
+            assert (out - results["nope"]).abs().max() > 0.05, f"{scheme} acts like nope on {arch}"
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
+@pytest.mark.parametrize("scheme", ["alibi", "rope"])
+@pytest.mark.parametrize("arch", DECODERS)
+def test_generate_matches_full_forward(arch, scheme, padded):
+    if not archs.takes(arch, scheme):
+        pytest.skip(f"{arch} refuses {scheme}")
+    model = build(arch, scheme)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    x, mask = tokens(), torch.ones(2, T, dtype=torch.long)
+    if padded:
+        x[1, :3], mask[1, :3] = 0, 0
+    out = model.generate(
+        x, attention_mask=mask, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
+    full = logits(model, out.sequences, attention_mask=full_mask, position_ids=positions)
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), full[:, T - 1 : -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_and_convert(arch, tmp_path):
+    """A posenc model reloads bit-exact through the Auto class; a stock checkpoint converts with posenc=...,
+    keeping every stock tensor, into the model built from the same weights."""
+    scheme = "alibi" if archs.takes(arch, "alibi") else "nope"
+    model = build(arch, scheme)
+    model.save_pretrained(tmp_path / "posenc")
+    loaded = auto_class(arch).from_pretrained(tmp_path / "posenc").eval()
+    x = tokens()
+    assert loaded.config.posenc == model.config.posenc
+    assert torch.equal(logits(loaded, x), logits(model, x))
+
+    build(arch).save_pretrained(tmp_path / "stock")
+    converted = auto_class(arch).from_pretrained(tmp_path / "stock", posenc=scheme).eval()
+    report = converted.posenc_conversion
+    assert not report.added and not report.grown
+    assert set(report.kept) == set(converted.state_dict())
+    assert torch.equal(logits(converted, x), logits(model, x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_head(arch):
+    """Every head transformers registers for the architecture is a posenc class with the scheme in place."""
+    import transformers
+
+    scheme = "alibi" if archs.takes(arch, "alibi") else "nope"
+    config = hf_posenc.with_posenc(copy.deepcopy(tiny(arch)), scheme)
+    for auto_name in config.auto_map_entries:
+        if auto_name == "AutoConfig":
+            continue
+        model = getattr(transformers, auto_name).from_config(copy.deepcopy(config)).eval()
+        assert type(model).__name__.startswith("Posenc"), auto_name
+        assert type(model.base_model).__name__.startswith("Posenc"), auto_name
+        assert model.config.posenc == config.posenc
+        x = tokens()[:, None] if auto_name == "AutoModelForMultipleChoice" else tokens()
+        with torch.no_grad():
+            model(x, attention_mask=torch.ones_like(x))
