@@ -24,20 +24,324 @@ VERIFIED_STATUS, UNTRIED_STATUS, REFUSED_STATUS, NOT_TEXT_STATUS = "verified", "
 #: model_type -> config overrides a small model of it needs beyond `small_config`'s shape (MoE sizes, latent widths,
 #: per-layer lists...). Every key is verified: tests/test_archs.py runs the contract on it.
 VERIFIED: dict[str, dict] = {
-    "gpt2": {},
+    "afmoe": {},
+    "apertus": {},
+    "arcee": {},
+    "aria_text": {},
+    "axk1": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "n_group": 1,
+        "topk_group": 1,
+    },
+    "bailing_hybrid": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "first_k_dense_replace": 1,
+        "num_local_experts": 4,
+        "n_group": 1,
+        "topk_group": 1,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "kv_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_mtp_layers": 0,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+    },
+    "bamba": {"attn_layer_indices": [1], "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_chunk_size": 8},
+    "beam": {
+        "layer_types": ["sliding_attention", "full_attention"],
+        "mlp_layer_types": ["dense", "sparse"],
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_group": 1,
+        "topk_group": 1,
+        "moe_intermediate_size": 16,
+        "sliding_window": 4,
+    },
     "bert": {},
-    "roberta": {},
-    "llama": {},
-    "mistral": {},
-    "qwen2": {},
+    "bitnet": {},
+    "cohere": {},
+    "cohere2": {},
+    "cohere2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 4,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "cohere_compass_text": {
+        "layer_types": ["sliding_attention", "full_attention"],
+        "sliding_window": 4,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        },
+    },
+    "cwm": {},
+    "deepseek_v2": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "n_shared_experts": 1,
+        "first_k_dense_replace": 1,
+    },
+    "deepseek_v3": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "n_group": 1,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "num_mtp_layers": 0,
+    },
+    "diffllama": {},
+    "doge": {},
+    "dots1": {
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "n_shared_experts": 1,
+        "moe_intermediate_size": 16,
+        "first_k_dense_replace": 1,
+        "sliding_window": 4,
+        "layer_types": ["full_attention", "sliding_attention"],
+    },
+    "ernie4_5": {},
+    "ernie4_5_moe": {},
+    "esmc": {"num_key_value_heads": 4},
+    "eurobert": {},
+    "exaone4": {},
+    "exaone_moe": {},
+    "falcon_h1": {},
+    "flex_olmo": {},
+    "flint": {
+        "layer_types": ["full_attention", "sliding_attention"],
+        "sliding_window": 4,
+        "mlp_only_layers": [0],
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+    },
+    "gemma": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "gemma3n_text": {
+        "num_hidden_layers": 4,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "num_kv_shared_layers": 2,
+        "sliding_window": 4,
+        "hidden_size_per_layer_input": 8,
+        "vocab_size_per_layer_input": 96,
+        "altup_num_inputs": 2,
+        "laurel_rank": 4,
+    },
+    "gemma4_text": {},
+    "gemma4_unified_text": {},
+    "glm": {},
+    "glm4": {},
+    "glm4_moe": {},
+    "glm4_moe_lite": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+    },
+    "gpt2": {"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0},
     "gpt_neox": {},
+    "gpt_oss": {},
+    "granite": {},
+    "granite_swa": {},
+    "granitemoe": {},
+    "granitemoe_swa": {},
+    "granitemoehybrid": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "position_embedding_type": "rope",
+        "mamba_n_heads": 4,
+        "mamba_d_state": 8,
+        "mamba_chunk_size": 8,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "shared_intermediate_size": 32,
+    },
+    "granitemoeshared": {},
+    "gte": {},
+    "helium": {},
+    "hrm_text": {},
+    "hunyuan_v1_dense": {},
+    "hunyuan_v1_moe": {},
+    "hy_v3": {},
+    "hy_v4": {},
+    "hyperclovax": {},
+    "jais2": {},
+    "jetmoe": {},
+    "jina_embeddings_v3": {},
+    "kolibri1": {},
+    "laguna": {},
+    "lfm2": {},
+    "lfm3": {
+        "num_hidden_layers": 3,
+        "layer_types": ["conv", "sliding_attention", "full_attention"],
+        "sliding_window": 4,
+    },
+    "llama": {},
+    "llama4_text": {},
+    "longcat_flash": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "n_routed_experts": 4,
+        "moe_topk": 2,
+        "zero_expert_num": 2,
+        "ffn_hidden_size": 64,
+        "expert_ffn_hidden_size": 16,
+    },
+    "mellum": {},
+    "mimo_v2_flash": {},
+    "minicpm3": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+        "dim_model_base": 16,
+    },
+    "minimax": {},
+    "minimax_m2": {},
+    "minimax_m3_vl_text": {},
+    "ministral": {},
+    "ministral3": {},
+    "mistral": {},
+    "mixtral": {},
+    "modernbert": {},
+    "modernbert-decoder": {},
+    "nanochat": {},
+    "nemotron": {},
+    "nomic_bert": {},
+    "olmo": {},
+    "olmo2": {},
+    "olmo3": {},
+    "olmo_hybrid": {},
+    "olmoe": {},
+    "persimmon": {},
+    "phi": {},
+    "phi3": {},
+    "phimoe": {},
+    "qwen2": {},
+    "qwen2_moe": {},
+    "qwen3": {},
+    "qwen3_5_moe_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+    },
+    "qwen3_5_text": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+    },
+    "qwen3_moe": {},
+    "qwen3_next": {
+        "layer_types": ["linear_attention", "full_attention"],
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 16,
+    },
+    "roberta": {},
+    "seed_oss": {},
+    "smollm3": {},
+    "solar_open": {},
+    "stablelm": {},
+    "starcoder2": {},
+    "ultrabert": {},
+    "vaultgemma": {},
+    "youtu": {
+        "kv_lora_rank": 16,
+        "q_lora_rank": 16,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 8,
+        "v_head_dim": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 8,
+    },
+    "zaya": {
+        "num_experts": 4,
+        "moe_intermediate_size": 16,
+        "router_hidden_size": 8,
+        "layer_types": ["hybrid", "hybrid_sliding"],
+        "sliding_window": 4,
+    },
 }
 
-#: model_type -> why hf_posenc refuses it
-REFUSED: dict[str, str] = {}
+#: model_type -> why hf_posenc refuses it (beyond what `status` finds itself: no rotary module, attention outside
+#: AttentionInterface, no text head)
+REFUSED: dict[str, str] = {
+    "inkling2_text": "its base model computes positions without a rotary module: it needs an adapter of its own",
+    "recurrent_gemma": "a recurrent model whose local attention rotates inside the layer: it needs its own adapter",
+}
 
+_READS_MASK = "its attention reads the mask tensor itself, which a score bias computed per call cannot give"
 #: model_type -> {site: why that site's schemes are refused} for architectures verified for the other sites
-REFUSED_SITES: dict[str, dict[str, str]] = {}
+REFUSED_SITES: dict[str, dict[str, str]] = {
+    "doge": {"bias": _READS_MASK + " (dynamic mask)"},
+    "hy_v4": {"bias": _READS_MASK},
+    "minimax_m3_vl_text": {"bias": "block-sparse attention (block_indices), which the posenc kernels do not compute"},
+}
+
+#: model_type -> a position signal of the architecture's own that no posenc scheme removes (stated in the matrix;
+#: the contract's shift test does not apply)
+NATIVE_POSITION_SIGNALS: dict[str, str] = {
+    "beam": "its NoPE layers scale attention by the absolute position",
+    "llama4_text": "its NoPE layers (every 4th) scale queries by the absolute position (attn_temperature_tuning)",
+}
 
 #: the architectures with a hand-written adapter (no rotary module): see `modeling/posenc_factory.ADAPTERS`
 HAND_WRITTEN = ("gpt2", "bert", "roberta")
@@ -45,6 +349,18 @@ HAND_WRITTEN = ("gpt2", "bert", "roberta")
 
 def verified() -> list[str]:
     return sorted(VERIFIED)
+
+
+def decoders() -> list[str]:
+    """The verified architectures that are causal language models (not encoders with a causal head, like BERT)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    return [
+        t for t in verified() if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    ]
 
 
 def _modeling_source(model_type: str) -> str | None:
@@ -80,7 +396,10 @@ def status(model_type: str) -> tuple[str, str]:
         return NOT_TEXT_STATUS, "no causal or masked language-model head"
     source = _modeling_source(model_type)
     if source is None:
-        return REFUSED_STATUS, "its modeling file does not import here"
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        base = MODEL_MAPPING_NAMES.get(model_type)
+        return REFUSED_STATUS, f"no modeling file of its own (its classes are {base}'s): convert it to that model type"
     if "RotaryEmbedding" not in source:
         return REFUSED_STATUS, "no rotary module: it needs a hand-written adapter"
     if "ALL_ATTENTION_FUNCTIONS" not in source:
@@ -116,13 +435,15 @@ TEST_SIZE = dict(layers=2, hidden=32, heads=4, kv_heads=2, positions=64, initial
 
 
 def small_config(model_type: str, layers=2, hidden=32, heads=4, kv_heads=None, intermediate=None, positions=64, **kw):
-    """A small stock config of `model_type` (the shape plus `VERIFIED[model_type]` overrides, then `kw`)."""
+    """A small stock config of `model_type`: the shape given (head width hidden / heads), then the architecture's
+    own overrides (`VERIFIED[model_type]`), then `kw`."""
     from transformers import AutoConfig
 
     shape = dict(
         num_hidden_layers=layers,
         hidden_size=hidden,
         num_attention_heads=heads,
+        head_dim=hidden // heads,
         intermediate_size=intermediate or 2 * hidden,
         max_position_embeddings=positions,
     )
@@ -146,7 +467,7 @@ def counts(rows) -> dict[str, int]:
 
 
 def markdown(rows) -> str:
-    """The README's support matrix: the counts, every verified architecture with the sites it refuses, and every
+    """The README's support matrix: the counts, every verified architecture with what it refuses or keeps, and every
     refused one with its reason (untried and non-text model types are counted, and listed by `hf-posenc archs`)."""
     import transformers
 
@@ -156,13 +477,15 @@ def markdown(rows) -> str:
         + ", ".join(f"{number} {state}" for state, number in total.items())
         + ".",
         "",
-        "| verified architecture | site refused |",
+        "| verified architecture | notes |",
         "|---|---|",
     ]
     for model_type, state, _ in rows:
         if state == VERIFIED_STATUS:
-            refused = "; ".join(f"{site}: {why}" for site, why in REFUSED_SITES.get(model_type, {}).items())
-            lines.append(f"| {model_type} | {refused or '-'} |")
+            notes = [f"{site} schemes refused: {why}" for site, why in REFUSED_SITES.get(model_type, {}).items()]
+            if model_type in NATIVE_POSITION_SIGNALS:
+                notes.append(f"keeps a position signal of its own: {NATIVE_POSITION_SIGNALS[model_type]}")
+            lines.append(f"| {model_type} | {'; '.join(notes) or '-'} |")
     lines += ["", "| refused architecture | reason |", "|---|---|"]
     lines += [f"| {model_type} | {why} |" for model_type, state, why in rows if state == REFUSED_STATUS]
     return "\n".join(lines)

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         "against length. Options override the YAML --config; any other field as key=value.",
     )
     compare.add_argument("--config", help="YAML file of CompareConfig fields (see configs/compare.yaml)")
-    compare.add_argument("--arch", help="architecture (gpt2, llama, mistral, qwen2, gpt_neox)")
+    compare.add_argument("--arch", help="a verified decoder (default gpt2; `hf-posenc archs --status verified`)")
     compare.add_argument("--schemes", help="comma-separated schemes, e.g. learned,rope,alibi")
     compare.add_argument("--train-length", type=int, help="training length L")
     compare.add_argument("--data", help="'stdlib' (default), a text file, a folder of .txt files or a datasets name")

@@ -11,7 +11,7 @@ from hf_posenc.modeling.posenc_attention import AlibiBias, T5RelativeBias
 
 VOCAB = 96
 
-# One tiny stock config per architecture in hf_posenc.ARCHITECTURES; dropout off so train and eval agree.
+# One tiny stock config per architecture of the deep contract suite; dropout off so train and eval agree.
 ARCH_KWARGS = {
     "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=VOCAB)
     | dict(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0),
@@ -54,7 +54,9 @@ for _encoder in ENCODERS:
     )
 ARCHS = sorted(ARCH_KWARGS)
 DECODERS = [arch for arch in ARCHS if arch not in ENCODERS]
-assert ARCHS == sorted(hf_posenc.ARCHITECTURES), "every registered architecture needs a tiny config here"
+# the deep contract suite runs on these seven (one per adapter pattern and the ones the plugin began with); every
+# verified architecture gets the smoke contract of tests/test_archs.py
+assert set(ARCHS) <= set(hf_posenc.ARCHITECTURES)
 
 # One case per scheme and per RoPE variant; the ids name them in test reports.
 SCHEME_CASES = {

@@ -296,7 +296,8 @@ def test_gradient_checkpointing_matches(scheme):
 
 
 @pytest.mark.parametrize(
-    ("arch", "scheme"), [("llama", "alibi"), ("llama", "t5_bias"), ("gpt2", "rope"), ("bert", "rope")]
+    ("arch", "scheme"),
+    [("llama", "alibi"), ("llama", "t5_bias"), ("llama", "sinusoidal"), ("gpt2", "rope"), ("bert", "rope")],
 )
 def test_compiles_in_one_graph(arch, scheme):
     """torch.compile(fullgraph=True) traces a bias model (no data-dependent branches or host syncs on the positions)

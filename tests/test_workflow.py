@@ -84,7 +84,7 @@ def test_config_files_all_validate():
     [
         ({"stepz": 3}, r"unknown key\(s\) \['stepz'\]; allowed: arch, schemes"),
         ({"steps": "many"}, r"steps must be <class 'int'>, got 'many'"),
-        ({"arch": "bert"}, r"arch must be one of gpt2, llama"),
+        ({"arch": "bert"}, r"arch must be a verified decoder, one of .*gpt2.*llama"),
         ({"schemes": ["alibi", "foo"]}, r"unknown scheme 'foo'"),
         ({"eval_multiples": [4, 1]}, r"eval_multiples must be increasing"),
         ({"eval_tokens": 100}, r"eval_tokens \(100\) must hold one window"),

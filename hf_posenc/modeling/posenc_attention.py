@@ -355,6 +355,8 @@ PASSIVE_KWARGS = frozenset(
         "return_dict",
         "output_router_logits",
         "num_items_in_batch",
+        "deterministic",  # flash-attn's deterministic backward; the other kernels are deterministic already
+        "inputs_embeds",  # a head's forward arguments, handed down to every layer by some models (ESM C)
     }
 )
 #: keywords that change the scores, which every posenc kernel applies or refuses: see `ScoreExtras`
@@ -442,7 +444,9 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     kv_positions = masks.kv_positions
     if key.shape[2] > q_length:  # StaticCache prefill: the keys past the queries are not filled yet
         key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[:q_length]
-    width = head_dim + 1 + (-(head_dim + 1) % 8)  # a multiple of 8 keeps the fused kernels
+    value_dim = value.shape[-1]  # multi-head latent attention has values narrower than queries and keys
+    # one width for q, k and v (the fused kernels need it), a multiple of 8 (they need that too)
+    width = max(head_dim + 1, value_dim) + (-max(head_dim + 1, value_dim) % 8)
     # positions counted from the middle key halve the column's magnitude (its fp32 rounding is the trick's only
     # error); a per-row shift changes nothing after softmax
     column = ((kv_positions - kv_positions[len(kv_positions) // 2]).to(torch.float32) / scaling).to(key.dtype)
@@ -454,7 +458,7 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
             q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=k.shape[1] != q.shape[1]
         )
 
-    output = query.new_empty(batch, q_length, heads, head_dim)
+    output = query.new_empty(batch, q_length, heads, value_dim)
     # Without autograd, one set of extended buffers serves every group of heads, so groups bound the extra memory.
     # With it, SDPA keeps every group's extended inputs for the backward anyway: one call, which is faster.
     reuse = not (torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)))
@@ -472,9 +476,9 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
         extended_q[..., head_dim] = slopes[q_rows, None]
         extended_k[..., :head_dim] = k
         extended_k[..., head_dim] = column
-        extended_v[..., :head_dim] = v
+        extended_v[..., :value_dim] = v
         result = denormal_flush.around(attention, extended_q, extended_k, extended_v)
-        output[:, :, q_rows] = result[..., :head_dim].transpose(1, 2)
+        output[:, :, q_rows] = result[..., :value_dim].transpose(1, 2)
         del q, k, v, extended_q, extended_k, extended_v, result  # before the next group allocates its own
     return output, None
 

@@ -380,6 +380,26 @@ def position_free_class(rotary_class: type) -> type:
     return type(f"PositionFree{rotary_class.__name__}", (PositionFreeRotaryMixin, rotary_class), {})
 
 
+class PositionedInputMixin:
+    """Put in front of a model's token-embedding class (in place, see `upgrade`) for `learned` and `sinusoidal`: the
+    embedding adds the position table (`posenc_table`) at the positions its base model hands it for the forward in
+    progress (`posenc_positions`). The model still receives `input_ids`, so what else it computes from them stays
+    (Gemma 3n's per-layer embeddings, hash-routed experts)."""
+
+    posenc_positions: torch.Tensor | None = None
+
+    def forward(self, input_ids, *args, **kwargs):
+        embedded = super().forward(input_ids, *args, **kwargs)
+        if self.posenc_positions is None:
+            return embedded
+        return embedded + self.posenc_table(self.posenc_positions).to(embedded.dtype)
+
+
+@functools.cache
+def positioned_input_class(embedding_class: type) -> type:
+    return type(f"Positioned{embedding_class.__name__}", (PositionedInputMixin, embedding_class), {})
+
+
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
     """Every rotary module in `model`: transformers names their classes `*RotaryEmbedding` (or `*RotaryEmbeddings`)."""
     return [module for module in model.modules() if "RotaryEmbedding" in type(module).__name__]
@@ -411,7 +431,12 @@ class RotarySlotAdapter:
                 f"{type(self).__name__} has no rotary module (a class named *RotaryEmbedding): hf_posenc cannot place "
                 f"posenc on {config.base_model_type!r} without an adapter of its own"
             )
-        self.embed_positions = input_position_module(posenc, config.hidden_size, self.get_input_embeddings())
+        embedding = self.get_input_embeddings()
+        width = getattr(embedding, "embedding_dim", config.hidden_size)  # NeoMMe embeds in a narrower space first
+        self.embed_positions = input_position_module(posenc, width, embedding)
+        if self.embed_positions is not None:
+            upgrade(embedding, positioned_input_class(type(embedding)))
+            object.__setattr__(embedding, "posenc_table", self.embed_positions)  # a reference: saved once, here
         if get_scheme(posenc["type"]).site != "rotation":
             for rotary in rotaries:
                 upgrade(rotary, position_free_class(type(rotary)))
@@ -419,25 +444,30 @@ class RotarySlotAdapter:
         attach_score_bias(self, list(self.modules()), provider)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        embedding = None
         if self.embed_positions is not None:
-            inputs_embeds = kwargs.pop("inputs_embeds", None)
+            inputs_embeds = kwargs.get("inputs_embeds")
             if (input_ids is None) == (inputs_embeds is None):
                 raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-            if inputs_embeds is None:
-                inputs_embeds, input_ids = self.get_input_embeddings()(input_ids), None
             if position_ids is None:
-                position_ids = default_position_ids(inputs_embeds.shape[1], cache_of(kwargs), inputs_embeds.device)
-            kwargs["inputs_embeds"] = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
-        if torch.compiler.is_compiling():
-            return super().forward(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-            )
-        before = self._posenc_calls()
-        output = super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
-        self._check_posenc_applied(before)
-        return output
+                reference = input_ids if input_ids is not None else inputs_embeds
+                position_ids = default_position_ids(reference.shape[1], cache_of(kwargs), reference.device)
+            if inputs_embeds is not None:  # the caller embedded the tokens: add the positions here
+                kwargs["inputs_embeds"] = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
+            else:  # the model embeds them: its embedding adds the positions (see PositionedInputMixin)
+                embedding = self.get_input_embeddings()
+                embedding.posenc_positions = position_ids
+        kwargs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        try:
+            if torch.compiler.is_compiling():
+                return super().forward(**kwargs)
+            before = self._posenc_calls()
+            output = super().forward(**kwargs)
+            self._check_posenc_applied(before)
+            return output
+        finally:
+            if embedding is not None:
+                embedding.posenc_positions = None
 
     def _posenc_calls(self) -> tuple[int, int]:
         """(bias kernel calls, position-free rotary calls) so far: a forward must add to the ones its scheme needs."""
@@ -461,6 +491,18 @@ class RotarySlotAdapter:
                 f"{type(self).__name__} did not call them in this forward, so its rotation may still apply; hf_posenc "
                 "cannot place this scheme on this architecture"
             )
+
+
+def initialize_added(base: PreTrainedModel, modules: list[nn.Module]) -> None:
+    """Initialise the modules `install_posenc` added, as transformers initialises its own (the stock `__init__` ran
+    `post_init` before they existed). Nothing on the meta device: there `from_pretrained` initialises whatever the
+    checkpoint lacks, and marking modules initialised here would make it skip buffers it must fill (Falcon-H1's)."""
+    parameters = [t for m in modules for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]]
+    if any(t.device.type == "meta" for t in parameters):
+        return
+    with torch.no_grad():
+        for module in modules:
+            base._init_weights(module)
 
 
 def default_position_ids(length: int, cache, device: torch.device) -> torch.Tensor:
@@ -500,14 +542,34 @@ class PosencPreTrainedMixin:
         # config's class is not the one the modeling file registered: map the class actually in use.
         transformers.AutoModel.register(type(config), self.posenc_base_class, exist_ok=True)
         super().__init__(config, *args, **kwargs)
-        base = getattr(self, self.base_model_prefix, self)  # a base model is its own base
+        base = self._stock_base_model()
         if not isinstance(base, self.posenc_base_class):
             upgrade(base, self.posenc_base_class)
         if not getattr(base, "_posenc_installed", False):  # heads may build their base through AutoModel
             config.check_rope_parameters()
+            before = set(base.modules())
             base.install_posenc()
             base._posenc_installed = True
-            base.init_weights()  # initialises only the modules the install added; a no-op on the meta device
+            initialize_added(base, [module for module in base.modules() if module not in before])
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Not custom code to transformers' loader: the classes are the stock ones with the posenc mixins in front,
+        initialised by the stock `_init_weights`. (As custom code, `from_pretrained` would take every module whose own
+        tensors all loaded as initialised, and skip `_init_weights` of modules that fill their children's
+        non-persistent buffers: Falcon-H1's `mup_vector` was left uninitialised.)"""
+        return False
+
+    def _stock_base_model(self) -> nn.Module:
+        """The base model inside this model (itself for a base model): the outermost module of the stock base class.
+        Found by class, not by `base_model_prefix`, which some heads name differently from their base (Llama 4)."""
+        stock_base = next(c for c in self.posenc_base_class.__mro__ if c.__module__.startswith("transformers.models."))
+        base = next((module for module in self.modules() if isinstance(module, stock_base)), None)
+        if base is None:
+            raise TypeError(
+                f"{type(self).__name__} holds no {stock_base.__name__}: it is not a head of that base model"
+            )
+        return base
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
         scheme = self.config.posenc["type"]

@@ -382,7 +382,22 @@ def rope_types() -> list[str]:
 
 
 def head_dim_of(config: Any) -> int:
+    """The attention head width (of the layers `posenc` is read against, where layers differ: Gemma 4)."""
+    config = _reference_layer_config(config)
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _reference_layer_config(config: Any) -> Any:
+    """A heterogeneous config's per-layer config of the first layer of the reference rope type (see
+    `reference_rope_parameters`), whose head width RoPE's widths are computed with; any other config itself."""
+    if not getattr(config, "is_heterogeneous", False):
+        return config
+    rope_parameters = getattr(config, "rope_parameters", None)
+    keys = nested_rope_keys(rope_parameters)
+    reference = next((key for key in keys if rope_parameters[key] == reference_rope_parameters(rope_parameters)), None)
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    index = layer_types.index(reference) if reference in layer_types else 0
+    return config.per_layer_config[index]
 
 
 def rotary_head_dim_of(config: Any) -> int:
@@ -404,11 +419,12 @@ def nested_rope_keys(rope_parameters: Any) -> list[str]:
 
 def reference_rope_parameters(rope_parameters: Any) -> dict:
     """The flat RoPE settings `posenc` is read against: the dict itself, or the full-attention entry of a per-layer
-    one (the first entry where there is none)."""
+    one (the first entry that rotates where the full-attention layers do not)."""
     keys = nested_rope_keys(rope_parameters)
     if not keys:
         return dict(rope_parameters or {})
-    key = "full_attention" if "full_attention" in keys else next((k for k in keys if rope_parameters[k]), keys[0])
+    rotating = [key for key in keys if rope_parameters[key]]  # an empty entry is a layer type without RoPE (NoPE)
+    key = "full_attention" if "full_attention" in rotating else (rotating or keys)[0]
     return dict(rope_parameters[key] or {})
 
 
@@ -422,13 +438,17 @@ def _normalize_rope(params: dict, config: Any) -> dict:
     # Start from the architecture's own RoPE settings: its theta and partial factor always, and the rest when the
     # user keeps its rope_type (a Llama-3 checkpoint stays llama3-scaled under posenc="rope").
     base = {k: native[k] for k in _ROPE_COMMON if native.get(k) is not None}
-    if native.get("rope_type", "default") == rope_type and "rope_type" not in params:
+    keeps_native = native.get("rope_type", "default") == rope_type and "rope_type" not in params
+    if keeps_native:
         base.update({k: v for k, v in native.items() if k in ROPE_TYPE_PARAMS.get(rope_type, {}) and v is not None})
     merged = {**base, **{k: v for k, v in params.items() if k != "rope_type"}}
     if rope_type in ROPE_TYPE_PARAMS:
         spec = {**_ROPE_COMMON, **ROPE_TYPE_PARAMS[rope_type]}
         out = _check_params("rope", merged, spec)
         out = {k: v for k, v in out.items() if v is not None}
+        if keeps_native:  # settings of the architecture's own beyond the type's (Ministral 3's llama_4_scaling_beta,
+            # Cohere's mrope_section), which its model reads: kept as they are, the user cannot set them here
+            out.update({k: v for k, v in native.items() if k not in spec and k not in ("rope_type", "type")})
     else:  # a rope_type newer than this table: transformers validates it when the config is built
         out = {**{k: p.default for k, p in _ROPE_COMMON.items()}, **merged}
     if rope_type in _NEEDS_ORIGINAL_LENGTH:
@@ -536,7 +556,7 @@ class PosencConfigMixin:
     For RoPE, `rope_parameters` is derived from `posenc` here, so the stock rotary modules read transformers' own
     field. Per-layer-type `rope_parameters` (Gemma 3, ModernBERT, OLMo 3, ...) are read against their full-attention
     entry: they are kept as they are when `posenc` equals it (so the native scheme is the stock model), and otherwise
-    every layer type gets the RoPE `posenc` asks for.
+    every layer type that rotates gets the RoPE `posenc` asks for (a layer type without RoPE stays without).
     """
 
     def __post_init__(self, **kwargs):
@@ -572,7 +592,8 @@ class PosencConfigMixin:
             return flat
         if self.posenc == normalize_posenc("rope", self):
             return current  # posenc is the native scheme: every layer type keeps its own settings
-        return {layer_type: dict(flat) for layer_type in layer_types}
+        # every layer type that rotates gets the RoPE posenc asks for; NoPE layer types (empty entries) stay NoPE
+        return {layer_type: dict(flat) if current[layer_type] else current[layer_type] for layer_type in layer_types}
 
     def rope_parameters_to_hand_on(self):
         """The `rope_parameters` a new config of another scheme takes as the architecture's own (`with_posenc`): this
@@ -595,7 +616,9 @@ class PosencConfigMixin:
         layer_types = nested_rope_keys(expected)
         if layer_types:
             expected = {lt: expected[lt] for lt in layer_types}
-            current = {lt: {k: (current.get(lt) or {}).get(k) for k in expected[lt] or {}} for lt in layer_types}
+            current = {
+                lt: expected[lt] and {k: (current.get(lt) or {}).get(k) for k in expected[lt]} for lt in layer_types
+            }
         else:
             current = {key: current.get(key) for key in expected}
         if current != expected:

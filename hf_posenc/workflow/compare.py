@@ -23,15 +23,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import __version__
+from .. import __version__, archs
 from ..auto import with_posenc
 from ..modeling.posenc_schemes import SCHEMES, normalize_posenc
 from .data import ByteTokenizer, read_text, train_validation_split
 from .evaluation import perplexity
 
 logger = logging.getLogger(__name__)
-
-DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 
 
 @dataclass
@@ -58,8 +56,11 @@ class CompareConfig:
     out: str = "runs/compare"
 
     def validate(self) -> None:
-        if self.arch not in DECODERS:
-            raise ValueError(f"compare trains causal LMs: arch must be one of {', '.join(DECODERS)}, got {self.arch!r}")
+        if self.arch not in archs.decoders():
+            raise ValueError(
+                f"compare trains causal LMs: arch must be a verified decoder, one of {', '.join(archs.decoders())}; "
+                f"got {self.arch!r}"
+            )
         if not self.schemes:
             raise ValueError("schemes must name at least one scheme")
         for scheme in self.schemes:
@@ -92,16 +93,17 @@ class CompareConfig:
 
 def tiny_config(arch: str, layers: int, hidden: int, heads: int, max_positions: int, vocab: int = 256):
     """A small stock config of `arch` whose native length is the training length (so scalings start from it)."""
-    from transformers import AutoConfig
-
-    common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=0)
-    if arch == "gpt2":
-        kwargs = dict(n_layer=layers, n_embd=hidden, n_head=heads, n_positions=max_positions)
-        kwargs |= dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    else:
-        kwargs = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads)
-        kwargs |= dict(intermediate_size=4 * hidden, max_position_embeddings=max_positions)
-    return AutoConfig.for_model(arch, **common, **kwargs)
+    return archs.small_config(
+        arch,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        intermediate=4 * hidden,
+        positions=max_positions,
+        vocab_size=vocab,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def label(spec: dict, config) -> str:

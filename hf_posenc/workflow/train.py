@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .compare import DECODERS, tiny_config
+from .. import archs
+from .compare import tiny_config
 from .data import STDLIB, ByteTokenizer, read_text
 from .push import TRAINING_RECORD
 
@@ -40,8 +41,10 @@ class TrainConfig:
     output_dir: str = "runs/train"
 
     def validate(self) -> None:
-        if self.checkpoint is None and self.arch not in DECODERS:
-            raise ValueError(f"arch must be one of {', '.join(DECODERS)}, got {self.arch!r}")
+        if self.checkpoint is None and self.arch not in archs.decoders():
+            raise ValueError(
+                f"arch must be a verified decoder, one of {', '.join(archs.decoders())}; got {self.arch!r}"
+            )
         for key in ("seq_length", "steps", "batch_size", "layers", "hidden_size", "heads", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
