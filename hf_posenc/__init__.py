@@ -16,23 +16,9 @@ __version__ = "0.2.0"
 #: local path of the `evaluate` metric module: `evaluate.load(hf_posenc.PERPLEXITY_METRIC)` (no download)
 PERPLEXITY_METRIC = str(Path(__file__).parent / "metrics" / "perplexity_by_length")
 
-# the transformers releases this version is tested against; the internals it builds on change between minors
-TRANSFORMERS_RANGE = ("5.20", "5.25")
+from .modeling.posenc_version import TRANSFORMERS_RANGE, check_transformers_version  # noqa: E402
 
-
-def _check_transformers() -> None:
-    import transformers
-    from packaging.version import Version
-
-    low, high = TRANSFORMERS_RANGE
-    if not Version(low) <= Version(transformers.__version__) < Version(high):
-        raise ImportError(
-            f"hf_posenc {__version__} supports transformers >={low},<{high}; found {transformers.__version__}. "
-            f'Install a supported one: pip install "transformers>={low},<{high}"'
-        )
-
-
-_check_transformers()
+check_transformers_version("hf_posenc")
 
 from transformers import (  # noqa: E402  (re-exported with the posenc= keyword added)
     AutoModel,
@@ -67,6 +53,7 @@ __all__ = [
     "PERPLEXITY_METRIC",
     "model_classes",
     "SCHEMES",
+    "TRANSFORMERS_RANGE",
     "__version__",
     "alibi_bias",
     "alibi_slopes",

@@ -5,16 +5,21 @@ One subprocess, in which `import hf_posenc` is impossible, loads every saved cas
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import random
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import test_archs
 import torch
 import transformers
 from conftest import ARCHS, ENCODERS, SCHEME_CASES, VOCAB, build
+
+from hf_posenc import archs
 
 # every (architecture, scheme) pair on the architecture's main head, plus heads built in other ways
 MAIN_HEAD = {arch: "AutoModelForMaskedLM" if arch in ENCODERS else "AutoModelForCausalLM" for arch in ARCHS}
@@ -24,6 +29,17 @@ CASES |= {
     "gpt_neox-learned-seqcls": ("gpt_neox", "learned", "AutoModelForSequenceClassification"),
     "bert-rope_yarn-tokcls": ("bert", "rope_yarn", "AutoModelForTokenClassification"),
     "roberta-t5_bias-seqcls": ("roberta", "t5_bias", "AutoModelForSequenceClassification"),
+}
+
+# Every verified architecture loads without the plugin, a rotating subset per run (the day picks it, so a week of CI
+# runs covers them all; HF_POSENC_REMOTE_ARCHS=all runs every one), each with one scheme of a rotating choice.
+GENERIC = [arch for arch in archs.verified() if arch not in ARCHS]
+_day = random.Random(datetime.date.today().toordinal())
+ROTATING = GENERIC if os.environ.get("HF_POSENC_REMOTE_ARCHS") == "all" else sorted(_day.sample(GENERIC, 16))
+CASES |= {
+    f"{arch}-{scheme}": (arch, scheme, test_archs.auto_class(arch).__name__)
+    for arch, scheme in zip(ROTATING, _day.choices(["alibi", "t5_bias", "rope", "nope", "sinusoidal"], k=len(ROTATING)))
+    if archs.takes(arch, scheme)
 }
 
 LOADER = textwrap.dedent(
@@ -56,11 +72,14 @@ def remote_results(tmp_path_factory):
         folder = str(tmp_path_factory.mktemp(name))
         auto_class = getattr(transformers, auto_name)
         overrides = {"num_labels": 3} | ({} if arch in ENCODERS else {"pad_token_id": 0})
-        model = build(arch, SCHEME_CASES[case], auto_class=auto_class, config_overrides=overrides)
+        if arch in ARCHS:
+            model = build(arch, SCHEME_CASES[case], auto_class=auto_class, config_overrides=overrides)
+        else:
+            model = test_archs.build(arch, case)
         inputs = {
             "input_ids": torch.randint(1, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0)),
             "attention_mask": torch.tensor(
-                [[0, 0] + [1] * 8, [1] * 10] if arch not in ENCODERS else [[1] * 8 + [0, 0], [1] * 10]
+                [[0, 0] + [1] * 8, [1] * 10] if auto_name != "AutoModelForMaskedLM" else [[1] * 8 + [0, 0], [1] * 10]
             ),
         }
         with torch.no_grad():
@@ -96,3 +115,46 @@ def test_loads_without_plugin(remote_results, name):
 def test_refuses_without_flag(remote_results, name):
     """Without trust_remote_code the load fails with transformers' message asking for it, never silently."""
     assert "trust_remote_code=True" in remote_results[name]["refused"]
+
+
+VERSION_CHECK = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_posenc"] = None
+    import transformers
+    try:
+        transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+    except ImportError as error:
+        print("REFUSED " + str(error))
+    """
+)
+
+
+def test_saved_code_refuses_untested_transformers(tmp_path):
+    """A saved folder records the transformers range its code was tested with (posenc_version.py) and, loaded with a
+    release outside it, fails naming both instead of running internals that may have changed. (The range in the
+    folder is edited to one the installed release is outside of.)"""
+    folder = tmp_path / "model"
+    build("llama", "alibi").save_pretrained(folder)
+    version_file = folder / "posenc_version.py"
+    assert 'TRANSFORMERS_RANGE = ("5.20", "5.25")' in version_file.read_text()
+    version_file.write_text(version_file.read_text().replace('("5.20", "5.25")', '("4.0", "4.1")'))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", VERSION_CHECK, str(folder)], capture_output=True, text=True, env=env, timeout=300
+    )
+    expected = f"was tested with transformers >=4.0,<4.1; found {transformers.__version__}"
+    assert expected in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("version", ["5.19.2", "5.25.0"])
+def test_plugin_refuses_untested_transformers(version):
+    """`import hf_posenc` with a transformers release outside the tested range fails, naming the range."""
+    code = "\n".join(
+        [
+            f"import transformers; transformers.__version__ = {version!r}",
+            "try:\n    import hf_posenc\nexcept ImportError as error:\n    print(error)",
+        ]
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert f"hf_posenc (hf_posenc 0.2.0) was tested with transformers >=5.20,<5.25; found {version}" in done.stdout

@@ -29,9 +29,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 SITES = ("embedding", "rotation", "bias", "none")
 
-#: hf_posenc's version, recorded in the files a saved model ships (this file cannot import the package)
-PLUGIN_VERSION = "0.2.0"
-
 
 # --------------------------------------------------------------------------------------------------------------------
 # Math helpers (public through `hf_posenc`)
