@@ -8,12 +8,13 @@ Every model type transformers registers gets one status:
 - `refused`: hf_posenc will not build it, with the reason;
 - `not a text model`: a vision, audio or multimodal model type (its text model type may be supported).
 
-Some verified architectures refuse one site only (e.g. score-bias schemes where attention does not go through
-AttentionInterface): `REFUSED_SITES`.
+Some architectures refuse one site only (e.g. score-bias schemes where attention does not go through
+AttentionInterface): `refused_sites`.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import inspect
@@ -60,6 +61,7 @@ VERIFIED: dict[str, dict] = {
     },
     "bamba": {"attn_layer_indices": [1], "mamba_n_heads": 4, "mamba_d_state": 8, "mamba_chunk_size": 8},
     "beam": {
+        "num_key_value_heads": 2,
         "layer_types": ["sliding_attention", "full_attention"],
         "mlp_layer_types": ["dense", "sparse"],
         "num_experts": 4,
@@ -230,7 +232,13 @@ VERIFIED: dict[str, dict] = {
         "expert_ffn_hidden_size": 16,
     },
     "mellum": {},
-    "mimo_v2_flash": {},
+    "mimo_v2_flash": {
+        "num_key_value_heads": 2,
+        "v_head_dim": 8,
+        "n_routed_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 16,
+    },
     "minicpm3": {
         "kv_lora_rank": 16,
         "q_lora_rank": 16,
@@ -334,6 +342,14 @@ REFUSED_SITES: dict[str, dict[str, str]] = {
     "doge": {"bias": _READS_MASK + " (dynamic mask)"},
     "hy_v4": {"bias": _READS_MASK},
     "minimax_m3_vl_text": {"bias": "block-sparse attention (block_indices), which the posenc kernels do not compute"},
+    **{
+        model_type: {"bias": _READS_MASK + " (a sparse-attention indexer selects the keys)"}
+        for model_type in ("axk2", "deepseek_v32", "glm_moe_dsa", "dots3_note_text", "qwen4_exp_text")
+    },
+    "deepseek_v4": {
+        "bias": "compressed keys are appended after the mask is made, so a bias per call cannot cover them",
+        "embedding": "its hash-routed experts read input_ids, and its compressors use absolute positions",
+    },
 }
 
 #: model_type -> a position signal of the architecture's own that no posenc scheme removes (stated in the matrix;
@@ -348,7 +364,10 @@ HAND_WRITTEN = ("gpt2", "bert", "roberta")
 
 
 def verified() -> list[str]:
-    return sorted(VERIFIED)
+    """The verified model types the installed transformers has (older releases lack some: flint is new in 5.21)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(model_type for model_type in VERIFIED if model_type in CONFIG_MAPPING_NAMES)
 
 
 def decoders() -> list[str]:
@@ -376,18 +395,19 @@ def _modeling_source(model_type: str) -> str | None:
 @functools.cache
 def status(model_type: str) -> tuple[str, str]:
     """(status, reason) of one model type; see the module docstring."""
+    import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return REFUSED_STATUS, f"transformers {transformers.__version__} has no such model type"
     if model_type in VERIFIED:
         return VERIFIED_STATUS, "contract tested in CI"
     if model_type in REFUSED:
         return REFUSED_STATUS, REFUSED[model_type]
-    if model_type not in CONFIG_MAPPING_NAMES:
-        return REFUSED_STATUS, "transformers has no such model type"
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if getattr(CONFIG_MAPPING[model_type], "sub_configs", None):
@@ -403,8 +423,22 @@ def status(model_type: str) -> tuple[str, str]:
     if "RotaryEmbedding" not in source:
         return REFUSED_STATUS, "no rotary module: it needs a hand-written adapter"
     if "ALL_ATTENTION_FUNCTIONS" not in source:
-        return REFUSED_STATUS, "attention is not dispatched through AttentionInterface"
+        return UNTRIED_STATUS, f"generic adapter, not in CI; bias schemes refused: {_OWN_ATTENTION}"
     return UNTRIED_STATUS, "generic adapter, not in CI"
+
+
+_OWN_ATTENTION = "its attention does not go through AttentionInterface, where the bias is added (Falcon)"
+
+
+def refused_sites(model_type: str) -> dict[str, str]:
+    """site -> why the architecture refuses that site's schemes: `REFUSED_SITES`, and the score-bias site wherever the
+    modeling file does not dispatch attention through AttentionInterface."""
+    refused = dict(REFUSED_SITES.get(model_type, {}))
+    if model_type not in VERIFIED and "bias" not in refused and status(model_type)[0] == UNTRIED_STATUS:
+        source = _modeling_source(model_type)
+        if source is not None and "ALL_ATTENTION_FUNCTIONS" not in source:
+            refused["bias"] = _OWN_ATTENTION
+    return refused
 
 
 def check_scheme(model_type: str, posenc) -> None:
@@ -415,7 +449,7 @@ def check_scheme(model_type: str, posenc) -> None:
     if not isinstance(name, str):
         return  # normalize_posenc names what is wrong with the spec
     site = get_scheme(name).site
-    reason = REFUSED_SITES.get(model_type, {}).get(site)
+    reason = refused_sites(model_type).get(site)
     if reason:
         raise ValueError(f"posenc {name!r} acts at the {site} site, which {model_type!r} cannot take: {reason}")
 
@@ -424,9 +458,8 @@ def takes(model_type: str, scheme: str) -> bool:
     """Whether the architecture takes the scheme (it is supported and does not refuse the scheme's site)."""
     from .modeling.posenc_schemes import get_scheme
 
-    return status(model_type)[0] in (VERIFIED_STATUS, UNTRIED_STATUS) and get_scheme(scheme).site not in (
-        REFUSED_SITES.get(model_type, {})
-    )
+    supported = status(model_type)[0] in (VERIFIED_STATUS, UNTRIED_STATUS)
+    return supported and get_scheme(scheme).site not in refused_sites(model_type)
 
 
 #: the shape of the contract suite's models (tests/test_archs.py): sharp attention (std 0.2), so that the effect of a
@@ -436,7 +469,8 @@ TEST_SIZE = dict(layers=2, hidden=32, heads=4, kv_heads=2, positions=64, initial
 
 def small_config(model_type: str, layers=2, hidden=32, heads=4, kv_heads=None, intermediate=None, positions=64, **kw):
     """A small stock config of `model_type`: the shape given (head width hidden / heads), then the architecture's
-    own overrides (`VERIFIED[model_type]`), then `kw`."""
+    own overrides (`VERIFIED[model_type]`), then `kw`. A default padding id past a small vocabulary becomes its
+    last id."""
     from transformers import AutoConfig
 
     shape = dict(
@@ -449,7 +483,16 @@ def small_config(model_type: str, layers=2, hidden=32, heads=4, kv_heads=None, i
     )
     if kv_heads is not None:
         shape["num_key_value_heads"] = kv_heads
-    return AutoConfig.for_model(model_type, **{**shape, **VERIFIED.get(model_type, {}), **kw})
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if isinstance(getattr(CONFIG_MAPPING[model_type], "head_dim", None), property):  # derived, not set (Falcon)
+        del shape["head_dim"]
+    overrides = copy.deepcopy(VERIFIED.get(model_type, {}))  # configs edit lists and dicts they are given in place
+    config = AutoConfig.for_model(model_type, **{**shape, **overrides, **kw})
+    pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+    if isinstance(pad, int) and isinstance(vocab, int) and pad >= vocab:  # a full-size default, past a small vocab
+        config.pad_token_id = vocab - 1  # the last id: in byte-level data, 0xFF, which UTF-8 never holds
+    return config
 
 
 def matrix() -> list[tuple[str, str, str]]:
@@ -482,10 +525,11 @@ def markdown(rows) -> str:
     ]
     for model_type, state, _ in rows:
         if state == VERIFIED_STATUS:
-            notes = [f"{site} schemes refused: {why}" for site, why in REFUSED_SITES.get(model_type, {}).items()]
+            notes = [f"{site} schemes refused: {why}" for site, why in refused_sites(model_type).items()]
             if model_type in NATIVE_POSITION_SIGNALS:
                 notes.append(f"keeps a position signal of its own: {NATIVE_POSITION_SIGNALS[model_type]}")
             lines.append(f"| {model_type} | {'; '.join(notes) or '-'} |")
-    lines += ["", "| refused architecture | reason |", "|---|---|"]
-    lines += [f"| {model_type} | {why} |" for model_type, state, why in rows if state == REFUSED_STATUS]
+    refused = [f"| {model_type} | {why} |" for model_type, state, why in rows if state == REFUSED_STATUS]
+    lines += ["", f"<details><summary>the {len(refused)} refused model types, with the reason</summary>", ""]
+    lines += ["| refused architecture | reason |", "|---|---|", *refused, "", "</details>"]
     return "\n".join(lines)

@@ -309,3 +309,19 @@ def test_compiles_in_one_graph(arch, scheme):
         expected = model(x).logits
         compiled = torch.compile(model, fullgraph=True, backend="eager")(x).logits
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("head_dim", "value_dim", "path"), [(16, 16, "flex"), (8, 8, "sdpa"), (16, 8, "sdpa")])
+def test_auto_choice_needs_flex_head_widths(head_dim, value_dim, path):
+    """Compiled flex lowers only head widths of 16 or more (found on an H200: 'NYI: embedding dimension ... must be at
+    least 16'); narrower heads, or multi-head latent attention's narrower values, go to SDPA."""
+    query = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16, shape=(1, 4, 64, head_dim))
+    assert choose_path(query, AlibiBias(4), causal(64, 64), 0.0, False, value_dim=value_dim) == path
+
+
+def test_auto_choice_sends_sinks_off_flex():
+    """flex has no attention sinks: posenc_auto runs them on SDPA (the scores written out) on CUDA too."""
+    from hf_posenc.modeling.posenc_attention import ScoreExtras
+
+    extras = ScoreExtras(sinks=torch.zeros(4))
+    assert choose_path(fake_query("cuda"), AlibiBias(4), causal(64, 64), 0.0, False, extras) == "sdpa"

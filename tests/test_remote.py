@@ -21,6 +21,8 @@ from conftest import ARCHS, ENCODERS, SCHEME_CASES, VOCAB, build
 
 from hf_posenc import archs
 
+pytestmark = pytest.mark.smoke  # saved folders are what differs most between transformers releases
+
 # every (architecture, scheme) pair on the architecture's main head, plus heads built in other ways
 MAIN_HEAD = {arch: "AutoModelForMaskedLM" if arch in ENCODERS else "AutoModelForCausalLM" for arch in ARCHS}
 CASES = {f"{arch}-{case}": (arch, case, MAIN_HEAD[arch]) for arch in ARCHS for case in SCHEME_CASES}

@@ -347,6 +347,7 @@ PASSIVE_KWARGS = frozenset(
         "output_attentions",
         "output_hidden_states",
         "past_key_values",
+        "cache",  # the KV cache's name from transformers 5.24 (already applied to the keys and values)
         "cache_position",
         "sliding_window",
         "is_causal",
@@ -687,20 +688,28 @@ def posenc_flash_attention(module, query, key, value, attention_mask, dropout=0.
 
 
 def choose_path(
-    query, provider, masks: ScoreBiasMask, dropout: float, flash_available: bool, extras: ScoreExtras = ScoreExtras()
+    query,
+    provider,
+    masks: ScoreBiasMask,
+    dropout: float,
+    flash_available: bool,
+    extras: ScoreExtras = ScoreExtras(),
+    value_dim: int | None = None,
 ) -> str:
     """The path `posenc_auto` takes for one call (measured in `hf-posenc bench`, see the README):
 
     - CUDA: flash-attn where it applies and is installed, else compiled flex_attention for prefill and training
-      (no dropout, no sinks), else SDPA (decode steps: one query row needs no fused kernel);
+      (no dropout, no sinks, head widths of 16 or more), else SDPA (decode steps: one query row needs no fused
+      kernel);
     - CPU: SDPA (the ALiBi column trick or chunked blocks): flex has no CPU backward, and for inference it measured
       slower than the column trick and needs a compiler.
     """
+    value_dim = query.shape[-1] if value_dim is None else value_dim
     if query.device.type == "cuda":
         if flash_available and flash_applies(query, provider, masks, extras):
             return "flash"
-        if query.shape[2] > 1 and not dropout and extras.sinks is None:
-            return "flex"
+        if query.shape[2] > 1 and not dropout and extras.sinks is None and min(query.shape[-1], value_dim) >= 16:
+            return "flex"  # compiled flex needs head widths of at least 16 (measured on an H200, torch 2.11)
     return "sdpa"
 
 
@@ -708,7 +717,9 @@ def posenc_auto_attention(module, query, key, value, attention_mask, dropout=0.0
     """The default for score-bias schemes: the fastest exact path for this call's device, dtype and mask."""
     provider, extras = _call(module, attention_mask, kwargs, count=False)
     training_dropout = dropout if module.training else 0.0
-    path = choose_path(query, provider, attention_mask, training_dropout, flash_attn_available(), extras)
+    path = choose_path(
+        query, provider, attention_mask, training_dropout, flash_attn_available(), extras, value.shape[-1]
+    )
     return BIAS_KERNELS[path](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 

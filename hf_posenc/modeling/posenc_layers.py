@@ -560,10 +560,27 @@ class PosencPreTrainedMixin:
         non-persistent buffers: Falcon-H1's `mup_vector` was left uninitialised.)"""
         return False
 
+    @classmethod
+    def _stock_class(cls) -> type:
+        """The transformers class this posenc class is made from."""
+        return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+
+    # transformers decides what a class may run (the experts kernels of MoE layers, attention set after loading) by
+    # reading the source of the module that defines it: the factory's module is not the architecture's, so these ask
+    # the stock class (as factory-made classes, every MoE posenc model ran the slower eager experts, or not, by the
+    # order in which classes were first asked)
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return cls._stock_class()._can_set_experts_implementation()
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return cls._stock_class()._can_set_attn_implementation()
+
     def _stock_base_model(self) -> nn.Module:
         """The base model inside this model (itself for a base model): the outermost module of the stock base class.
         Found by class, not by `base_model_prefix`, which some heads name differently from their base (Llama 4)."""
-        stock_base = next(c for c in self.posenc_base_class.__mro__ if c.__module__.startswith("transformers.models."))
+        stock_base = self.posenc_base_class._stock_class()
         base = next((module for module in self.modules() if isinstance(module, stock_base)), None)
         if base is None:
             raise TypeError(

@@ -98,6 +98,7 @@ def tiny_config(arch: str, layers: int, hidden: int, heads: int, max_positions: 
         layers=layers,
         hidden=hidden,
         heads=heads,
+        kv_heads=heads,
         intermediate=4 * hidden,
         positions=max_positions,
         vocab_size=vocab,
