@@ -27,6 +27,7 @@ VERIFIED_STATUS, UNTRIED_STATUS, REFUSED_STATUS, NOT_TEXT_STATUS = "verified", "
 VERIFIED: dict[str, dict] = {
     "afmoe": {},
     "apertus": {},
+    "apertus1p5_text": {},
     "arcee": {},
     "aria_text": {},
     "axk1": {
@@ -209,6 +210,7 @@ VERIFIED: dict[str, dict] = {
     "jina_embeddings_v3": {},
     "kolibri1": {},
     "laguna": {},
+    "lara_mini": {},
     "lfm2": {},
     "lfm3": {
         "num_hidden_layers": 3,
@@ -450,8 +452,29 @@ def check_scheme(model_type: str, posenc) -> None:
         return  # normalize_posenc names what is wrong with the spec
     site = get_scheme(name).site
     reason = refused_sites(model_type).get(site)
+    if (
+        name == "rope"
+        and isinstance(posenc, Mapping)
+        and set(posenc) - {"type"}
+        and not reads_rope_parameters(model_type)
+    ):
+        raise ValueError(
+            f"posenc {dict(posenc)} asks for RoPE settings, but {model_type!r} computes its rotary tables from fields "
+            "of its own (GPT-J's rotary_dim), not from rope_parameters, so they would not take effect: only its "
+            "native RoPE (posenc='rope')"
+        )
     if reason:
         raise ValueError(f"posenc {name!r} acts at the {site} site, which {model_type!r} cannot take: {reason}")
+
+
+@functools.cache
+def reads_rope_parameters(model_type: str) -> bool:
+    """Whether the architecture's rotary step is computed from `rope_parameters` (what posenc derives): the plugin's
+    own on the hand-written adapters; the modeling file's otherwise (GPT-J and CodeGen read `rotary_dim`)."""
+    if model_type in HAND_WRITTEN:
+        return True
+    source = _modeling_source(model_type)
+    return source is None or "rope_parameters" in source
 
 
 def takes(model_type: str, scheme: str) -> bool:

@@ -134,6 +134,15 @@ def test_every_scheme_changes_the_function(arch):
     for scheme, out in results.items():
         if scheme != "nope":
             assert (out - results["nope"]).abs().max() > 1e-3, f"{scheme} acts like nope on {arch}"
+    # a RoPE setting reaches the stock rotary module through rope_parameters (or the config refuses it, naming why)
+    try:
+        scaled = build(arch, {"type": "rope", "rope_type": "linear", "factor": 4.0})
+    except ValueError as error:
+        assert "refuses" in str(error), error  # Phi-3's config takes longrope only
+    else:
+        assert (logits(scaled, x, position_ids=positions) - results["rope"]).abs().max() > 1e-3, (
+            f"linear RoPE on {arch}"
+        )
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])

@@ -231,3 +231,49 @@ def test_every_verified_decoder_trains_in_the_workflow():
         )
         x = torch.randint(0, 64, (1, 16))
         model(x, labels=x).loss.backward()
+
+
+@pytest.mark.parametrize("layout", ["cos_sin", "sin_cos", "complex", "per_layer_type"])
+def test_identity_rotation_in_any_layout(layout):
+    """A non-RoPE scheme turns a rotary module's output into the identity rotation whatever its order or form:
+    (cos, sin) as Llama, (sin, cos) as GPT-J, complex freqs_cis, a dict per layer type; with any attention scaling."""
+    from torch import nn
+
+    from hf_posenc.modeling.posenc_layers import position_free_class, upgrade
+
+    class Rotary(nn.Module):
+        def forward(self, x, position_ids):
+            angles = position_ids[..., None].float() * torch.tensor([1.0, 0.1])  # (B, T, 2)
+            cos, sin = 1.5 * angles.cos(), 1.5 * angles.sin()  # attention scaling 1.5, as yarn has
+            if layout == "sin_cos":
+                return sin, cos
+            if layout == "complex":
+                return torch.polar(torch.full_like(angles, 1.5), angles)
+            if layout == "per_layer_type":
+                return {"full_attention": (cos, sin), "sliding_attention": (cos, sin)}
+            return cos, sin
+
+    rotary = upgrade(Rotary(), position_free_class(Rotary))
+    out = rotary(torch.zeros(1), torch.arange(5)[None] + 3)
+    pairs = out.values() if isinstance(out, dict) else [out]
+    for pair in pairs:
+        if layout == "complex":
+            assert torch.equal(pair, torch.ones(1, 5, 2, dtype=torch.complex64))
+        else:
+            first, second = pair
+            cos, sin = (second, first) if layout == "sin_cos" else (first, second)
+            assert torch.equal(cos, torch.ones(1, 5, 2)) and torch.equal(sin, torch.zeros(1, 5, 2))
+
+
+def test_rope_settings_need_an_architecture_that_reads_them():
+    """Where the rotary tables come from the architecture's own fields (GPT-J's rotary_dim, from transformers 5.24
+    where GPT-J has a rotary module), a RoPE spec with settings would not take effect: refused, naming why; the
+    native RoPE and every other scheme still apply."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if "gptj" not in CONFIG_MAPPING_NAMES or archs.status("gptj")[0] != "untried":
+        pytest.skip("GPT-J has no rotary module in this transformers release")
+    config = archs.small_config("gptj", vocab_size=96, rotary_dim=4)
+    with pytest.raises(ValueError, match="computes its rotary tables from fields of its own.*only its native RoPE"):
+        hf_posenc.with_posenc(config, {"type": "rope", "rope_type": "linear", "factor": 2.0})
+    assert hf_posenc.with_posenc(config, "nope").posenc == {"type": "nope"}

@@ -339,32 +339,30 @@ def attend(module: nn.Module, query, key, value, attention_mask, dropout: float,
     )
 
 
-def _unrotated(output):
-    """A rotary module's output with every rotation made the identity, in the same structure, shapes and dtypes:
-    cos = 1 and sin = 0 for real (cos, sin) pairs, 1 + 0j for complex `freqs_cis`. `q * 1 + rotate(q) * 0` is exactly
-    q in every layout (half-split, interleaved, natively partial, the rope part of MLA), so no layout knowledge is
-    needed."""
-    if isinstance(output, torch.Tensor):
-        if output.is_complex():
-            return torch.ones((), dtype=output.dtype, device=output.device).expand(output.shape)
-    elif isinstance(output, dict):
-        return {key: _unrotated(value) for key, value in output.items()}
-    elif isinstance(output, (tuple, list)) and output:
-        if len(output) == 2 and all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in output):
-            cos, sin = output
-            one = torch.ones((), dtype=cos.dtype, device=cos.device).expand(cos.shape)
-            return type(output)((one, torch.zeros((), dtype=sin.dtype, device=sin.device).expand(sin.shape)))
-        return type(output)(_unrotated(item) for item in output)
+def _unrotated(at_zero):
+    """The identity rotation in the structure, shapes and dtypes of a rotary module's output, from its output at
+    position 0 (`at_zero`), where every angle is 0: a cosine table holds its attention scaling there (> 0) and a sine
+    table 0, so their signs are the identity rotation's cos = 1 and sin = 0, and a complex `freqs_cis` (the scaling
+    times 1 + 0j) has sign 1 + 0j. `q * 1 + rotate(q) * 0` is exactly q in every layout (half-split, interleaved,
+    natively partial, the rope part of latent attention), no order of the pair is assumed (Llama returns (cos, sin),
+    GPT-J (sin, cos)), and nothing depends on the values at run time (torch.compile traces it)."""
+    if isinstance(at_zero, torch.Tensor) and (at_zero.is_floating_point() or at_zero.is_complex()):
+        return torch.sgn(at_zero)
+    if isinstance(at_zero, dict):
+        return {key: _unrotated(value) for key, value in at_zero.items()}
+    if isinstance(at_zero, (tuple, list)) and at_zero:
+        return type(at_zero)(_unrotated(item) for item in at_zero)
     raise TypeError(
-        f"cannot make a rotary module's output position-free: {type(output).__name__} is neither a complex tensor nor "
-        "a (cos, sin) pair"
+        f"cannot make a rotary module's output position-free: {type(at_zero).__name__} is not a table of cosines, "
+        "sines or complex turns"
     )
 
 
 class PositionFreeRotaryMixin:
     """Put in front of a stock rotary module's class (in place, see `upgrade`) when the scheme is not RoPE: the stock
-    module still computes (so every attribute a model reads from it stays), and its output becomes the identity
-    rotation (`_unrotated`). Weight names and buffers are the stock ones."""
+    module still computes, at position 0 for every token (so every attribute a model reads from it stays and the
+    shapes are the call's), and its output becomes the identity rotation (`_unrotated`). Weight names and buffers are
+    the stock ones."""
 
     #: forwards of this module (the adapter checks that a model forward made some)
     posenc_calls = 0
@@ -372,6 +370,10 @@ class PositionFreeRotaryMixin:
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self.posenc_calls += 1
+        if "position_ids" in kwargs:
+            kwargs["position_ids"] = torch.zeros_like(kwargs["position_ids"])
+        else:  # forward(x, position_ids, ...): the rotary call convention of every release
+            args = (args[0], torch.zeros_like(args[1]), *args[2:])
         return _unrotated(super().forward(*args, **kwargs))
 
 

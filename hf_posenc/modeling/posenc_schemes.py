@@ -443,9 +443,11 @@ def _normalize_rope(params: dict, config: Any) -> dict:
         spec = {**_ROPE_COMMON, **ROPE_TYPE_PARAMS[rope_type]}
         out = _check_params("rope", merged, spec)
         out = {k: v for k, v in out.items() if v is not None}
-        if keeps_native:  # settings of the architecture's own beyond the type's (Ministral 3's llama_4_scaling_beta,
-            # Cohere's mrope_section), which its model reads: kept as they are, the user cannot set them here
-            out.update({k: v for k, v in native.items() if k not in spec and k not in ("rope_type", "type")})
+        # the architecture's own settings this type does not set, which its model may read whatever the type
+        # (Ministral 3's llama_4_scaling_beta and original length, Cohere's mrope_section, PhiMoE's mscales): kept
+        out.update(
+            {k: v for k, v in native.items() if k not in spec and k not in ("rope_type", "type", "inner_rope_type")}
+        )
     else:  # a rope_type newer than this table: transformers validates it when the config is built
         out = {**{k: p.default for k, p in _ROPE_COMMON.items()}, **merged}
     if rope_type in _NEEDS_ORIGINAL_LENGTH:
@@ -561,7 +563,19 @@ class PosencConfigMixin:
         self.posenc = normalize_posenc(self.posenc, self, default=self.native_posenc)
         if self.posenc["type"] == "rope":
             self.rope_parameters = self.derived_rope_parameters()
-            self.validate_rope()
+            reference = reference_rope_parameters(self.rope_parameters)
+            known = {"rope_type", *_ROPE_COMMON, *ROPE_TYPE_PARAMS.get(self.posenc["rope_type"], {}), "inner_rope_type"}
+            extras = set(reference) - known
+            if extras:  # the architecture's own settings (see _normalize_rope), unknown to the type's validation
+                self.ignore_keys_at_rope_validation = {*(self.ignore_keys_at_rope_validation or ()), *extras}
+            try:
+                self.validate_rope()
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"posenc {self.posenc} gives rope_parameters that transformers' "
+                    f"{next(c for c in type(self).__mro__ if c.__module__.startswith('transformers.models.')).__name__}"
+                    f" refuses: {error}"
+                ) from error
         elif self.native_posenc != "rope" and "rope_parameters" in self.__dict__:
             if "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
                 del self.rope_parameters  # left from an earlier rope scheme on an architecture without native RoPE
@@ -577,7 +591,10 @@ class PosencConfigMixin:
                 native = reference_rope_parameters(getattr(stock(), "rope_parameters", None))
             except Exception:  # a stock config that cannot be built with its defaults
                 native = {}
-            cls._rotates_part = (native.get("partial_rotary_factor") or 1.0) < 1
+            # Gemma 4 rotates part of the head through transformers' `proportional` type (zero-padded frequencies),
+            # not natively: its rotary step expects full-width tables
+            natively = native.get("rope_type") != "proportional"
+            cls._rotates_part = natively and (native.get("partial_rotary_factor") or 1.0) < 1
         return cls._rotates_part
 
     def derived_rope_parameters(self):
