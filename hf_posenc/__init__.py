@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__version__ = "0.2.0"
+# the version and the tested transformers range live in the file that ships beside every saved model
+from .modeling.posenc_version import PLUGIN_VERSION as __version__
+from .modeling.posenc_version import TRANSFORMERS_RANGE, check_transformers_version
 
 #: local path of the `evaluate` metric module: `evaluate.load(hf_posenc.PERPLEXITY_METRIC)` (no download)
 PERPLEXITY_METRIC = str(Path(__file__).parent / "metrics" / "perplexity_by_length")
-
-from .modeling.posenc_version import TRANSFORMERS_RANGE, check_transformers_version  # noqa: E402
 
 check_transformers_version("hf_posenc")
 

@@ -24,26 +24,22 @@ VERIFIED_STATUS, UNTRIED_STATUS, REFUSED_STATUS, NOT_TEXT_STATUS = "verified", "
 
 #: model_type -> config overrides a small model of it needs beyond `small_config`'s shape (MoE sizes, latent widths,
 #: per-layer lists...). Every key is verified: tests/test_archs.py runs the contract on it.
+# the small shapes that several architectures share: multi-head latent attention, DeepSeek-style experts, Qwen's
+# linear attention (one linear and one full-attention layer) and experts
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+_MLA |= dict(num_key_value_heads=4, head_dim=8)
+_MOE = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16)
+_LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=8, linear_value_head_dim=8)
+_LINEAR |= dict(linear_num_key_heads=2, linear_num_value_heads=4)
+_QWEN_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+
 VERIFIED: dict[str, dict] = {
     "afmoe": {},
     "apertus": {},
     "apertus1p5_text": {},
     "arcee": {},
     "aria_text": {},
-    "axk1": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "n_group": 1,
-        "topk_group": 1,
-    },
+    "axk1": {**_MLA, **_MOE, "n_group": 1, "topk_group": 1},
     "bailing_hybrid": {
         "layer_types": ["linear_attention", "full_attention"],
         "first_k_dense_replace": 1,
@@ -91,43 +87,13 @@ VERIFIED: dict[str, dict] = {
         },
     },
     "cwm": {},
-    "deepseek_v2": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "n_shared_experts": 1,
-        "first_k_dense_replace": 1,
-    },
-    "deepseek_v3": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "n_group": 1,
-        "topk_group": 1,
-        "first_k_dense_replace": 1,
-        "num_mtp_layers": 0,
-    },
+    "deepseek_v2": {**_MLA, **_MOE, "n_shared_experts": 1, "first_k_dense_replace": 1},
+    "deepseek_v3": {**_MLA, **_MOE, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "num_mtp_layers": 0},
     "diffllama": {},
     "doge": {},
     "dots1": {
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
+        **_MOE,
         "n_shared_experts": 1,
-        "moe_intermediate_size": 16,
         "first_k_dense_replace": 1,
         "sliding_window": 4,
         "layer_types": ["full_attention", "sliding_attention"],
@@ -141,13 +107,10 @@ VERIFIED: dict[str, dict] = {
     "falcon_h1": {},
     "flex_olmo": {},
     "flint": {
+        **_QWEN_MOE,
         "layer_types": ["full_attention", "sliding_attention"],
         "sliding_window": 4,
         "mlp_only_layers": [0],
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
     },
     "gemma": {},
     "gemma2": {},
@@ -167,18 +130,7 @@ VERIFIED: dict[str, dict] = {
     "glm": {},
     "glm4": {},
     "glm4_moe": {},
-    "glm4_moe_lite": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-    },
+    "glm4_moe_lite": {**_MLA, **_MOE},
     "gpt2": {"attn_pdrop": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0},
     "gpt_neox": {},
     "gpt_oss": {},
@@ -220,13 +172,7 @@ VERIFIED: dict[str, dict] = {
     "llama": {},
     "llama4_text": {},
     "longcat_flash": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
+        **_MLA,
         "n_routed_experts": 4,
         "moe_topk": 2,
         "zero_expert_num": 2,
@@ -234,23 +180,8 @@ VERIFIED: dict[str, dict] = {
         "expert_ffn_hidden_size": 16,
     },
     "mellum": {},
-    "mimo_v2_flash": {
-        "num_key_value_heads": 2,
-        "v_head_dim": 8,
-        "n_routed_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-    },
-    "minicpm3": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
-        "dim_model_base": 16,
-    },
+    "mimo_v2_flash": {**_MOE, "num_key_value_heads": 2, "v_head_dim": 8},
+    "minicpm3": {**_MLA, "dim_model_base": 16},
     "minimax": {},
     "minimax_m2": {},
     "minimax_m3_vl_text": {},
@@ -275,36 +206,10 @@ VERIFIED: dict[str, dict] = {
     "qwen2": {},
     "qwen2_moe": {},
     "qwen3": {},
-    "qwen3_5_moe_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-    },
-    "qwen3_5_text": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-    },
+    "qwen3_5_moe_text": {**_LINEAR, **_QWEN_MOE},
+    "qwen3_5_text": {**_LINEAR},
     "qwen3_moe": {},
-    "qwen3_next": {
-        "layer_types": ["linear_attention", "full_attention"],
-        "linear_key_head_dim": 8,
-        "linear_value_head_dim": 8,
-        "linear_num_key_heads": 2,
-        "linear_num_value_heads": 4,
-        "num_experts": 4,
-        "num_experts_per_tok": 2,
-        "moe_intermediate_size": 16,
-        "shared_expert_intermediate_size": 16,
-    },
+    "qwen3_next": {**_LINEAR, **_QWEN_MOE},
     "roberta": {},
     "seed_oss": {},
     "smollm3": {},
@@ -313,15 +218,7 @@ VERIFIED: dict[str, dict] = {
     "starcoder2": {},
     "ultrabert": {},
     "vaultgemma": {},
-    "youtu": {
-        "kv_lora_rank": 16,
-        "q_lora_rank": 16,
-        "qk_rope_head_dim": 8,
-        "qk_nope_head_dim": 8,
-        "v_head_dim": 8,
-        "num_key_value_heads": 4,
-        "head_dim": 8,
-    },
+    "youtu": {**_MLA},
     "zaya": {
         "num_experts": 4,
         "moe_intermediate_size": 16,
@@ -443,28 +340,34 @@ def refused_sites(model_type: str) -> dict[str, str]:
     return refused
 
 
-def check_scheme(model_type: str, posenc) -> None:
-    """Refuse a scheme whose site this architecture cannot take (`REFUSED_SITES`), naming the reason."""
+def check_site(model_type: str, scheme: str) -> None:
+    """Refuse a scheme whose site this architecture cannot take (`refused_sites`), naming the reason. Run by every
+    posenc config the plugin builds (`posenc_factory.SCHEME_CHECKS`), hand-edited config.json files included."""
     from .modeling.posenc_schemes import get_scheme
 
+    site = get_scheme(scheme).site
+    reason = refused_sites(model_type).get(site)
+    if reason:
+        raise ValueError(f"posenc {scheme!r} acts at the {site} site, which {model_type!r} cannot take: {reason}")
+
+
+def check_scheme(model_type: str, posenc) -> None:
+    """Refuse a posenc spec the architecture cannot take, naming the reason: a refused site (`check_site`), or RoPE
+    settings where the rotary tables do not come from rope_parameters."""
     name = posenc if isinstance(posenc, str) else posenc.get("type") if isinstance(posenc, Mapping) else None
     if not isinstance(name, str):
         return  # normalize_posenc names what is wrong with the spec
-    site = get_scheme(name).site
-    reason = refused_sites(model_type).get(site)
-    if (
-        name == "rope"
-        and isinstance(posenc, Mapping)
-        and set(posenc) - {"type"}
-        and not reads_rope_parameters(model_type)
-    ):
+    has_settings = isinstance(posenc, Mapping) and bool(set(posenc) - {"type"})
+    if name == "rope" and has_settings and not reads_rope_parameters(model_type):
         raise ValueError(
             f"posenc {dict(posenc)} asks for RoPE settings, but {model_type!r} computes its rotary tables from fields "
             "of its own (GPT-J's rotary_dim), not from rope_parameters, so they would not take effect: only its "
             "native RoPE (posenc='rope')"
         )
-    if reason:
-        raise ValueError(f"posenc {name!r} acts at the {site} site, which {model_type!r} cannot take: {reason}")
+    from .modeling.posenc_schemes import SCHEMES
+
+    if name in SCHEMES:
+        check_site(model_type, name)
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from transformers import AutoConfig, PreTrainedConfig
 
 from . import archs
 from .convert import load_converted
+from .modeling import posenc_factory
 from .modeling.posenc_attention import STOCK_NAMES
 from .modeling.posenc_factory import auto_model_classes, posenc_config_class, posenc_model_classes
 from .modeling.posenc_schemes import PosencConfigMixin
@@ -49,6 +50,7 @@ def register_architecture(model_type: str) -> type:
     return config_class
 
 
+posenc_factory.SCHEME_CHECKS.append(archs.check_site)  # a refused site fails when any posenc config is built
 for _model_type in archs.verified():
     register_architecture(_model_type)
 

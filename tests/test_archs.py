@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 
 import pytest
 import torch
@@ -116,8 +117,8 @@ def test_native_scheme_is_the_stock_model(arch, implementation):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_scheme_changes_the_function(arch):
     """Each scheme computes another function than NoPE; relative ones (alibi, t5_bias, nope, rope) ignore a shift of
-    every position (unless the architecture has a position signal of its own, NATIVE_POSITION_SIGNALS), sinusoidal
-    does not."""
+    every position (unless the architecture has a position signal of its own, NATIVE_POSITION_SIGNALS), and those
+    without rotation ignore the position ids altogether (no RoPE left in place); sinusoidal does not."""
     x = tokens()
     positions = torch.arange(T)[None].expand(2, T)
     results = {}
@@ -131,6 +132,9 @@ def test_every_scheme_changes_the_function(arch):
             assert (base - shifted).abs().max() > 1e-2, "sinusoidal must see absolute positions"
         elif arch not in archs.NATIVE_POSITION_SIGNALS:
             torch.testing.assert_close(shifted, base, atol=2e-5, rtol=1e-4)
+            if scheme != "rope":  # no rotation left in place: the position ids do not matter at all
+                shuffled = positions[:, torch.randperm(T, generator=torch.Generator().manual_seed(2))]
+                torch.testing.assert_close(logits(model, x, position_ids=shuffled), base, atol=2e-5, rtol=1e-4)
     for scheme, out in results.items():
         if scheme != "nope":
             assert (out - results["nope"]).abs().max() > 1e-3, f"{scheme} acts like nope on {arch}"
@@ -177,6 +181,24 @@ def test_save_load_and_convert(arch, tmp_path):
     x = tokens()
     assert loaded.config.posenc == model.config.posenc
     assert torch.equal(logits(loaded, x), logits(model, x))
+
+    # RoPE settings other than the checkpoint's own survive the reload too (the architecture's own rope settings
+    # stay in rope_parameters, not in posenc)
+    if archs.takes(arch, "rope") and archs.reads_rope_parameters(arch):
+        try:
+            scaled = build(arch, {"type": "rope", "rope_type": "linear", "factor": 2.0})
+        except ValueError as error:
+            assert "refuses" in str(error), error  # Phi-3's config takes longrope only
+        else:
+            scaled.save_pretrained(tmp_path / "scaled")
+            again = auto_class(arch).from_pretrained(tmp_path / "scaled").eval()
+            assert again.config.posenc == scaled.config.posenc
+            assert torch.equal(logits(again, x), logits(scaled, x))
+    # the model pickles whole (torch.save), its classes made at run time included
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert torch.equal(logits(torch.load(buffer, weights_only=False), x), logits(model, x))
 
     build(arch).save_pretrained(tmp_path / "stock")
     converted = auto_class(arch).from_pretrained(tmp_path / "stock", posenc=scheme).eval()

@@ -207,10 +207,3 @@ def test_bias_scheme_with_cross_attention():
     """GPT-2 with cross-attention cannot take a self-attention bias: refused at build time, naming what works."""
     with pytest.raises(ValueError, match="add_cross_attention=True use learned, sinusoidal, rope or nope"):
         AutoModelForCausalLM.from_config(wide_config("gpt2", add_cross_attention=True), posenc="alibi")
-
-
-def test_plugin_and_shipped_versions_agree():
-    """The version the shipped files record (they cannot import the package) is the package's."""
-    from hf_posenc.modeling.posenc_version import PLUGIN_VERSION
-
-    assert PLUGIN_VERSION == hf_posenc.__version__

@@ -225,7 +225,8 @@ def test_every_verified_decoder_trains_in_the_workflow():
     from hf_posenc.workflow.compare import CompareConfig, tiny_config
 
     for arch in archs.decoders():
-        CompareConfig(arch=arch).validate()
+        schemes = [scheme for scheme in CompareConfig().schemes if archs.takes(arch, scheme)]
+        CompareConfig(arch=arch, schemes=schemes).validate()
         model = AutoModelForCausalLM.from_config(
             tiny_config(arch, 2, 32, 4, 64, vocab=64), posenc="alibi" if archs.takes(arch, "alibi") else "nope"
         )
@@ -277,3 +278,56 @@ def test_rope_settings_need_an_architecture_that_reads_them():
     with pytest.raises(ValueError, match="computes its rotary tables from fields of its own.*only its native RoPE"):
         hf_posenc.with_posenc(config, {"type": "rope", "rope_type": "linear", "factor": 2.0})
     assert hf_posenc.with_posenc(config, "nope").posenc == {"type": "nope"}
+
+
+def test_bias_direction_follows_the_attention_module():
+    """T5's buckets take their direction from the attention module (what stock SDPA reads), also where the mask is
+    made with an extra mask function: ESM C with sequence ids, Gemma 3 with bidirectional attention (EmbeddingGemma)."""
+    from hf_posenc.modeling import posenc_attention
+
+    x = test_archs.tokens()
+    model = test_archs.build("esmc", "t5_bias")
+    with_ids = test_archs.logits(model, x, sequence_id=torch.zeros_like(x))  # one sequence: the same attention
+    torch.testing.assert_close(with_ids, test_archs.logits(model, x), atol=2e-5, rtol=1e-4)
+
+    seen = []
+    original = posenc_attention.t5_relative_position_bucket
+
+    def recording(relative, bidirectional, *args):
+        seen.append(bidirectional)
+        return original(relative, bidirectional, *args)
+
+    posenc_attention.t5_relative_position_bucket = recording
+    try:
+        config = archs.small_config("gemma3_text", vocab_size=96, use_bidirectional_attention=True)
+        bidirectional = AutoModelForCausalLM.from_config(config, posenc="t5_bias").eval()
+        with torch.no_grad():
+            bidirectional(x)
+    finally:
+        posenc_attention.t5_relative_position_bucket = original
+    assert seen and all(seen)
+
+
+def test_compare_refuses_a_scheme_the_architecture_refuses_before_training():
+    """`compare` on Doge with the default schemes stops before any training, naming the refused site's reason."""
+    from hf_posenc.workflow.compare import CompareConfig
+
+    with pytest.raises(ValueError, match="posenc 'alibi' acts at the bias site, which 'doge' cannot take"):
+        CompareConfig(arch="doge").validate()
+
+
+def test_refused_site_fails_however_the_config_is_made(tmp_path):
+    """The refusal runs whenever a posenc config is built: directly from its class, or from a config.json edited to
+    a scheme the architecture refuses."""
+    import json
+
+    config_class = hf_posenc.register_architecture("doge")
+    values = archs.small_config("doge", vocab_size=96).to_dict()
+    values.pop("model_type")
+    with pytest.raises(ValueError, match="'doge' cannot take: its attention reads the mask tensor itself"):
+        config_class(**values, posenc="alibi")
+    AutoModelForCausalLM.from_config(archs.small_config("doge", vocab_size=96), posenc="nope").save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "posenc": {"type": "alibi"}}))
+    with pytest.raises(ValueError, match="'doge' cannot take"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

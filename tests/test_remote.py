@@ -5,7 +5,6 @@ One subprocess, in which `import hf_posenc` is impossible, loads every saved cas
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import random
@@ -19,6 +18,7 @@ import torch
 import transformers
 from conftest import ARCHS, ENCODERS, SCHEME_CASES, VOCAB, build
 
+import hf_posenc
 from hf_posenc import archs
 
 pytestmark = pytest.mark.smoke  # saved folders are what differs most between transformers releases
@@ -33,14 +33,27 @@ CASES |= {
     "roberta-t5_bias-seqcls": ("roberta", "t5_bias", "AutoModelForSequenceClassification"),
 }
 
-# Every verified architecture loads without the plugin, a rotating subset per run (the day picks it, so a week of CI
-# runs covers them all; HF_POSENC_REMOTE_ARCHS=all runs every one), each with one scheme of a rotating choice.
+
+def _revision() -> str:
+    """The commit under test (a run of the same commit tests the same subset), or the release where git is absent."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__), check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return hf_posenc.__version__
+
+
+# Every verified architecture loads without the plugin: a rotating subset of 16 per commit (successive commits cover
+# them all; HF_POSENC_REMOTE_ARCHS=all runs every one), each with one scheme of a rotating choice.
 GENERIC = [arch for arch in archs.verified() if arch not in ARCHS]
-_day = random.Random(datetime.date.today().toordinal())
-ROTATING = GENERIC if os.environ.get("HF_POSENC_REMOTE_ARCHS") == "all" else sorted(_day.sample(GENERIC, 16))
+_pick = random.Random(_revision())
+ROTATING = GENERIC if os.environ.get("HF_POSENC_REMOTE_ARCHS") == "all" else sorted(_pick.sample(GENERIC, 16))
 CASES |= {
     f"{arch}-{scheme}": (arch, scheme, test_archs.auto_class(arch).__name__)
-    for arch, scheme in zip(ROTATING, _day.choices(["alibi", "t5_bias", "rope", "nope", "sinusoidal"], k=len(ROTATING)))
+    for arch, scheme in zip(
+        ROTATING, _pick.choices(["alibi", "t5_bias", "rope", "nope", "sinusoidal"], k=len(ROTATING))
+    )
     if archs.takes(arch, scheme)
 }
 
@@ -160,3 +173,36 @@ def test_plugin_refuses_untested_transformers(version):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert f"hf_posenc (hf_posenc 0.2.0) was tested with transformers >=5.20,<5.25; found {version}" in done.stdout
+
+
+STUB_IMPORT = textwrap.dedent(
+    """
+    import sys
+    sys.modules["hf_posenc"] = None
+    import torch
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    cls = get_class_from_dynamic_module("modeling_posenc_gpt2.PosencGPT2DoubleHeadsModel", sys.argv[1])
+    model = cls.from_pretrained(sys.argv[1]).eval()
+    inputs = torch.load(sys.argv[1] + "/inputs.pt")
+    with torch.no_grad():
+        print("SAME", torch.equal(model(**inputs).mc_logits, torch.load(sys.argv[1] + "/expected.pt")))
+    """
+)
+
+
+def test_head_without_auto_class_loads_through_the_generated_stub(tmp_path):
+    """A head with no Auto class (GPT2DoubleHeadsModel) is reached without the plugin through the generated modeling
+    stub, which imports the shipped factory: the path an Auto load does not take."""
+    PosencGPT2DoubleHeadsModel = hf_posenc.model_classes("gpt2")["PosencGPT2DoubleHeadsModel"]
+    torch.manual_seed(0)
+    model = PosencGPT2DoubleHeadsModel(hf_posenc.with_posenc(test_archs.tiny("gpt2"), "alibi")).eval()
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 3, 8)), "mc_token_ids": torch.full((2, 3), 7)}
+    with torch.no_grad():
+        torch.save(model(**inputs).mc_logits, tmp_path / "expected.pt")
+    model.save_pretrained(tmp_path)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", STUB_IMPORT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert "SAME True" in done.stdout, done.stderr[-3000:]

@@ -377,8 +377,13 @@ class ScoreExtras:
 
     softcap: float | None = None
     sinks: torch.Tensor | None = None
+    #: the direction of the bias (T5's buckets): the attention module's own `is_causal`, which stock SDPA reads too,
+    #: where it has one, else the mask function's. Masks made with an extra mask function (ESM C's sequence ids,
+    #: EmbeddingGemma's bidirectional Gemma 3) do not say it.
+    causal: bool = True
 
     def __bool__(self) -> bool:
+        """Whether the scores need writing out (SDPA cannot take soft-capping or sinks)."""
         return self.softcap is not None or self.sinks is not None
 
 
@@ -409,7 +414,9 @@ def _call(module: nn.Module, attention_mask, kwargs: dict, count: bool = True) -
     if count and not torch.compiler.is_compiling():
         provider.calls += 1
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
-    return provider, ScoreExtras(kwargs.get("softcap"), sinks)
+    own = getattr(module, "is_causal", None)
+    causal = own if isinstance(own, bool) else attention_mask.causal
+    return provider, ScoreExtras(kwargs.get("softcap"), sinks, causal)
 
 
 def _query_meets_key(masks: ScoreBiasMask, index: int) -> bool:
@@ -524,7 +531,7 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     outputs = []
     for start in range(0, q_length, chunk):
         rows = slice(start, start + chunk)
-        bias = provider(masks.q_positions[rows], masks.kv_positions, heads, masks.causal)[None]  # (1, H, c, K) fp32
+        bias = provider(masks.q_positions[rows], masks.kv_positions, heads, extras.causal)[None]  # (1, H, c, K) fp32
         allowed = masks.block(rows)
         rows_query = query[:, :, rows].to(compute)
         if extras:
@@ -592,7 +599,7 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     q_offset, kv_offset = int(masks.q_positions[0]), int(masks.kv_positions[0])
     first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
     distances = torch.arange(first, first + q_length + k_length - 1, device=query.device)
-    table = provider.by_distance(distances, heads, masks.causal)
+    table = provider.by_distance(distances, heads, extras.causal)
     offset, softcap = q_length - 1, extras.softcap
 
     def score_mod(score, b, h, q_index, kv_index):
@@ -730,7 +737,7 @@ def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     masks = attention_mask
-    bias = provider(masks.q_positions, masks.kv_positions, query.shape[1], masks.causal)[None]  # (1, H, Q, K) fp32
+    bias = provider(masks.q_positions, masks.kv_positions, query.shape[1], extras.causal)[None]  # (1, H, Q, K) fp32
     output, weights = _scores_attention(
         query, key, value, bias, masks.block(slice(None)), scaling, dropout, module.training, extras
     )

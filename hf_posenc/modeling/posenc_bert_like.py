@@ -28,10 +28,11 @@ from .posenc_layers import (
     cache_of,
     default_position_ids,
     input_position_module,
+    publish,
     rotate_then_cache,
     upgrade,
 )
-from .posenc_schemes import get_scheme
+from .posenc_schemes import get_scheme, stock_class_of
 
 
 class RotatingSelfAttentionMixin:
@@ -41,8 +42,7 @@ class RotatingSelfAttentionMixin:
     def forward(self, hidden_states, *args, position_embeddings=None, **kwargs):
         if position_embeddings is None:
             return super().forward(hidden_states, *args, **kwargs)
-        stock = next(c for c in type(self).__mro__ if c.__module__.startswith("transformers.models."))
-        named = bind_arguments(stock.forward, self, hidden_states, *args, **kwargs)
+        named = bind_arguments(stock_class_of(type(self)).forward, self, hidden_states, *args, **kwargs)
         input_shape = hidden_states.shape[:-1]
         shape = (*input_shape, -1, self.attention_head_size)
         query = self.query(hidden_states).view(shape).transpose(1, 2)  # (B, H, T, D)
@@ -60,7 +60,8 @@ class RotatingSelfAttentionMixin:
 @functools.cache
 def rotating_class(attention_class: type) -> type:
     """`attention_class` (BertSelfAttention, RobertaSelfAttention) with `RotatingSelfAttentionMixin` in front."""
-    return type(f"Posenc{attention_class.__name__}", (RotatingSelfAttentionMixin, attention_class), {})
+    name = f"Posenc{attention_class.__name__}"
+    return publish(type(name, (RotatingSelfAttentionMixin, attention_class), {}), __name__)
 
 
 class BertLikeAdapter:

@@ -17,15 +17,14 @@ Which adapter places the scheme: `ADAPTERS` for the architectures without a rota
 from __future__ import annotations
 
 import functools
-import sys
 
 import transformers
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .posenc_bert_like import BertAdapter, RobertaAdapter
 from .posenc_gpt2 import GPT2Adapter
-from .posenc_layers import PosencPreTrainedMixin, RotarySlotAdapter, inherit_conversion_mapping
-from .posenc_schemes import PosencConfigMixin
+from .posenc_layers import PosencPreTrainedMixin, RotarySlotAdapter, inherit_conversion_mapping, publish
+from .posenc_schemes import PosencConfigMixin, stock_class_of
 from .posenc_version import PLUGIN_VERSION
 
 #: model_type -> the adapter of an architecture without a rotary module; every other one takes `RotarySlotAdapter`
@@ -73,14 +72,6 @@ def posenc_name(stock_name: str) -> str:
     return f"Posenc{stock_name}"
 
 
-def _publish(cls: type) -> type:
-    """Make a generated class an attribute of this module, so it pickles and reprs like a written one."""
-    cls.__module__ = __name__
-    cls.__qualname__ = cls.__name__
-    setattr(sys.modules[__name__], cls.__name__, cls)
-    return cls
-
-
 @functools.cache
 def posenc_config_class(model_type: str) -> type:
     """`Posenc<StockConfig>` for `model_type`: the stock config class plus `posenc` (model_type `posenc_<type>`).
@@ -102,17 +93,25 @@ def posenc_config_class(model_type: str) -> type:
         "native_posenc": adapter.native_posenc,
         "_rotates_part": adapter.rotates_part,
     }
-    return _publish(type(posenc_name(stock.__name__), (FactoryConfigMixin, stock), namespace))
+    return publish(type(posenc_name(stock.__name__), (FactoryConfigMixin, stock), namespace), __name__)
+
+
+#: checks every factory-made config runs on its scheme: `check(model_type, scheme_name)` raises for a scheme the
+#: architecture cannot take. The plugin adds its support matrix's (hf_posenc.archs.check_site); a folder loaded as
+#: remote code has none (the plugin checked when it was made)
+SCHEME_CHECKS: list = []
 
 
 class FactoryConfigMixin(PosencConfigMixin):
     """A factory-made config makes (and registers with the Auto classes) its architecture's model classes when it is
     first built, so neither importing hf_posenc nor making the config class imports a modeling file; `auto_map_entries`
-    is known from then on."""
+    is known from then on. It runs `SCHEME_CHECKS` on its scheme."""
 
     def __post_init__(self, **kwargs):
         posenc_model_classes(type(self))
         super().__post_init__(**kwargs)
+        for check in SCHEME_CHECKS:
+            check(self.base_model_type, self.posenc["type"])
 
 
 _MODEL_CLASSES: dict[type, dict[str, type]] = {}
@@ -129,22 +128,23 @@ def posenc_model_classes(config_class: type) -> dict[str, type]:
         return _MODEL_CLASSES[config_class]
     model_type = config_class.base_model_type
     adapter = adapter_of(model_type)
-    stock_config = next(c for c in config_class.__mro__ if c.__module__.startswith("transformers.models."))
+    stock_config = stock_class_of(config_class)
     heads = stock_heads(model_type, stock_config)
     if "AutoModel" not in heads:
         raise ValueError(f"transformers maps no base model (AutoModel) of {stock_config.__name__} to {model_type!r}")
     base = heads["AutoModel"]
-    base_class = _publish(
-        type(posenc_name(base.__name__), (PosencPreTrainedMixin, adapter, base), {"config_class": config_class})
+    base_class = publish(
+        type(posenc_name(base.__name__), (PosencPreTrainedMixin, adapter, base), {"config_class": config_class}),
+        __name__,
     )
     classes: dict[str, type] = {base_class.__name__: base_class}
     for stock in heads.values():
         if posenc_name(stock.__name__) not in classes:
             head = type(posenc_name(stock.__name__), (PosencPreTrainedMixin, stock), {"config_class": config_class})
-            classes[head.__name__] = _publish(head)
+            classes[head.__name__] = publish(head, __name__)
     for cls in classes.values():
         cls.posenc_base_class = base_class
-        stock = next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+        stock = stock_class_of(cls)
         inherit_conversion_mapping(cls.__name__, stock.__name__)
     inherit_conversion_mapping(config_class.model_type, model_type)
     configuration, modeling = stub_module_names(model_type)
@@ -194,8 +194,10 @@ def stub_sources(config_class: type) -> dict[str, str]:
         f"{_FROM_HERE}{config_module} import {config_name}",
         f"{_FROM_HERE}posenc_factory import posenc_model_classes",
         "",
-        f"_classes = posenc_model_classes({config_name})",
+        "# one class per head of the transformers release that loads this folder (the heads it was saved with:",
+        *(f"#   {name}" for name in posenc_model_classes(config_class)),
+        "# an older release may have fewer)",
+        f"globals().update(posenc_model_classes({config_name}))",
     ]
-    lines += [f"{name} = _classes[{name!r}]" for name in posenc_model_classes(config_class)]
     modeling_source = header.format("one model class per head, made by the shipped factory") + "\n".join([*lines, ""])
     return {f"{config_module}.py": config_source, f"{modeling_module}.py": modeling_source}

@@ -32,7 +32,7 @@ from transformers.utils import is_torch_flex_attn_available
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .posenc_attention import BIAS_KERNELS, STOCK_NAMES, attach_score_bias, score_bias_module
-from .posenc_schemes import get_scheme, head_dim_of, rotary_dim_of, sinusoidal_position_embedding
+from .posenc_schemes import get_scheme, head_dim_of, rotary_dim_of, sinusoidal_position_embedding, stock_class_of
 
 # --------------------------------------------------------------------------------------------------------------------
 # Input-embedding site
@@ -377,9 +377,19 @@ class PositionFreeRotaryMixin:
         return _unrotated(super().forward(*args, **kwargs))
 
 
+def publish(cls: type, module_name: str) -> type:
+    """Make a class made at run time an attribute of the module `module_name`, so that it pickles (`torch.save` of a
+    whole model, multiprocessing) and reprs like a class written there."""
+    cls.__module__ = module_name
+    cls.__qualname__ = cls.__name__
+    setattr(sys.modules[module_name], cls.__name__, cls)
+    return cls
+
+
 @functools.cache
 def position_free_class(rotary_class: type) -> type:
-    return type(f"PositionFree{rotary_class.__name__}", (PositionFreeRotaryMixin, rotary_class), {})
+    name = f"PositionFree{rotary_class.__name__}"
+    return publish(type(name, (PositionFreeRotaryMixin, rotary_class), {}), __name__)
 
 
 class PositionedInputMixin:
@@ -399,7 +409,8 @@ class PositionedInputMixin:
 
 @functools.cache
 def positioned_input_class(embedding_class: type) -> type:
-    return type(f"Positioned{embedding_class.__name__}", (PositionedInputMixin, embedding_class), {})
+    name = f"Positioned{embedding_class.__name__}"
+    return publish(type(name, (PositionedInputMixin, embedding_class), {}), __name__)
 
 
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
@@ -442,6 +453,8 @@ class RotarySlotAdapter:
         if get_scheme(posenc["type"]).site != "rotation":
             for rotary in rotaries:
                 upgrade(rotary, position_free_class(type(rotary)))
+        # the rotary modules a forward must call (a plain list, not submodules: they are registered where they are)
+        self._posenc_rotaries = [] if get_scheme(posenc["type"]).site == "rotation" else rotaries
         provider = score_bias_module(posenc, config.num_attention_heads)
         attach_score_bias(self, list(self.modules()), provider)
 
@@ -473,7 +486,7 @@ class RotarySlotAdapter:
 
     def _posenc_calls(self) -> tuple[int, int]:
         """(bias kernel calls, position-free rotary calls) so far: a forward must add to the ones its scheme needs."""
-        rotary = sum(m.posenc_calls for m in self.modules() if isinstance(m, PositionFreeRotaryMixin))
+        rotary = sum(module.posenc_calls for module in self._posenc_rotaries)
         return (self.position_bias.calls if self.position_bias is not None else 0), rotary
 
     def _check_posenc_applied(self, before: tuple[int, int]) -> None:
@@ -565,7 +578,7 @@ class PosencPreTrainedMixin:
     @classmethod
     def _stock_class(cls) -> type:
         """The transformers class this posenc class is made from."""
-        return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+        return stock_class_of(cls)
 
     # transformers decides what a class may run (the experts kernels of MoE layers, attention set after loading) by
     # reading the source of the module that defines it: the factory's module is not the architecture's, so these ask

@@ -443,11 +443,6 @@ def _normalize_rope(params: dict, config: Any) -> dict:
         spec = {**_ROPE_COMMON, **ROPE_TYPE_PARAMS[rope_type]}
         out = _check_params("rope", merged, spec)
         out = {k: v for k, v in out.items() if v is not None}
-        # the architecture's own settings this type does not set, which its model may read whatever the type
-        # (Ministral 3's llama_4_scaling_beta and original length, Cohere's mrope_section, PhiMoE's mscales): kept
-        out.update(
-            {k: v for k, v in native.items() if k not in spec and k not in ("rope_type", "type", "inner_rope_type")}
-        )
     else:  # a rope_type newer than this table: transformers validates it when the config is built
         out = {**{k: p.default for k, p in _ROPE_COMMON.items()}, **merged}
     if rope_type in _NEEDS_ORIGINAL_LENGTH:
@@ -544,6 +539,23 @@ for _inner in PARTIAL_INNER_TYPES:
     ROPE_INIT_FUNCTIONS[PARTIAL_PREFIX + _inner] = partial_rope_parameters
 
 
+def stock_class_of(cls: type) -> type:
+    """The transformers class a posenc class (config or model) is made from: the first one of transformers' models in
+    its method resolution order."""
+    return next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+
+
+def _own_settings(native, derived: Mapping) -> dict:
+    """The entries of an architecture's `rope_parameters` (`native`) that the derived rope_type does not set: the
+    architecture's own settings, which `derived_rope_parameters` keeps beside the derived ones."""
+    if not native:
+        return {}
+    rope_type = derived["rope_type"]
+    inner = derived.get("inner_rope_type", rope_type)
+    sets = {"rope_type", "type", "inner_rope_type", *_ROPE_COMMON, *ROPE_TYPE_PARAMS.get(inner, {}), *derived}
+    return {key: value for key, value in native.items() if key not in sets}
+
+
 class PosencConfigMixin:
     """Shared by every posenc config: `posenc` is the source of truth, normalised when the config is built.
 
@@ -573,7 +585,7 @@ class PosencConfigMixin:
             except (ValueError, KeyError, TypeError) as error:
                 raise ValueError(
                     f"posenc {self.posenc} gives rope_parameters that transformers' "
-                    f"{next(c for c in type(self).__mro__ if c.__module__.startswith('transformers.models.')).__name__}"
+                    f"{stock_class_of(type(self)).__name__}"
                     f" refuses: {error}"
                 ) from error
         elif self.native_posenc != "rope" and "rope_parameters" in self.__dict__:
@@ -586,7 +598,7 @@ class PosencConfigMixin:
         """Whether the architecture's own RoPE rotates part of the head (its default config says so: GPT-NeoX, Phi,
         StableLM); if not, a partial rotation goes through the `proportional` type (see `hf_rope_parameters`)."""
         if getattr(cls, "_rotates_part", None) is None:
-            stock = next(c for c in cls.__mro__ if c.__module__.startswith("transformers.models."))
+            stock = stock_class_of(cls)
             try:
                 native = reference_rope_parameters(getattr(stock(), "rope_parameters", None))
             except Exception:  # a stock config that cannot be built with its defaults
@@ -598,16 +610,25 @@ class PosencConfigMixin:
         return cls._rotates_part
 
     def derived_rope_parameters(self):
-        """`rope_parameters` as `posenc` (a rope spec) makes them, in the shape this config's own take."""
+        """`rope_parameters` as `posenc` (a rope spec) makes them, in the shape this config's own take.
+
+        Settings of the architecture's own that the chosen type does not set stay in `rope_parameters` (not in
+        `posenc`), since its model may read them whatever the type: Ministral 3's `llama_4_scaling_beta` and
+        original length, Cohere's `mrope_section`, PhiMoE's mscales."""
         flat = hf_rope_parameters(self.posenc, self, self.rotates_part_natively())
         current = getattr(self, "rope_parameters", None)
         layer_types = nested_rope_keys(current)
         if not layer_types:
-            return flat
+            return {**_own_settings(current, flat), **flat}
         if self.posenc == normalize_posenc("rope", self):
             return current  # posenc is the native scheme: every layer type keeps its own settings
         # every layer type that rotates gets the RoPE posenc asks for; NoPE layer types (empty entries) stay NoPE
-        return {layer_type: dict(flat) if current[layer_type] else current[layer_type] for layer_type in layer_types}
+        return {
+            layer_type: {**_own_settings(current[layer_type], flat), **flat}
+            if current[layer_type]
+            else current[layer_type]
+            for layer_type in layer_types
+        }
 
     def rope_parameters_to_hand_on(self):
         """The `rope_parameters` a new config of another scheme takes as the architecture's own (`with_posenc`): this
@@ -620,7 +641,9 @@ class PosencConfigMixin:
         if flat["rope_type"] == "ntk":  # not a transformers rope_type: hand on the unscaled base
             flat = {"rope_type": "default", **{k: flat[k] for k in ("rope_theta", "partial_rotary_factor")}}
         layer_types = nested_rope_keys(current)
-        return {layer_type: dict(flat) for layer_type in layer_types} if layer_types else flat
+        if not layer_types:
+            return {**_own_settings(current, flat), **flat}
+        return {lt: {**_own_settings(current[lt], flat), **flat} if current[lt] else current[lt] for lt in layer_types}
 
     def check_rope_parameters(self) -> None:
         """Refuse `rope_parameters` edited by hand: the model would be built from them but reloaded from `posenc`."""

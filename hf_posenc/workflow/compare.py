@@ -67,6 +67,7 @@ class CompareConfig:
             name = scheme if isinstance(scheme, str) else scheme.get("type")
             if name not in SCHEMES:
                 raise ValueError(f"schemes: unknown scheme {name!r}; allowed: {', '.join(sorted(SCHEMES))}")
+            archs.check_scheme(self.arch, scheme)  # before any training: a refused site names its reason now
         for key in ("train_length", "steps", "batch_size", "layers", "hidden_size", "heads", "eval_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
