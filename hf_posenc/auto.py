@@ -16,7 +16,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from . import archs
 from .convert import load_converted
 from .modeling import posenc_factory
-from .modeling.posenc_attention import STOCK_NAMES
+from .modeling.posenc_attention import STOCK_NAMES, kernel_of
 from .modeling.posenc_factory import auto_model_classes, posenc_config_class, posenc_model_classes
 from .modeling.posenc_schemes import PosencConfigMixin
 
@@ -85,8 +85,8 @@ def with_posenc(config: PreTrainedConfig, posenc: str | Mapping) -> PreTrainedCo
             values.pop("rope_parameters")
     new = config_class(**values, posenc=posenc)
     implementation = config._attn_implementation_internal  # not in to_dict; the model maps it for bias schemes
-    if implementation and implementation.startswith("posenc_"):  # back to the stock name the new scheme understands
-        implementation = STOCK_NAMES.get(implementation.removeprefix("posenc_"), implementation)
+    if kernel_of(implementation) is not None:  # back to the stock name the new scheme understands
+        implementation = STOCK_NAMES.get(kernel_of(implementation), implementation)
     new._attn_implementation_internal = implementation
     return new
 

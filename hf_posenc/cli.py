@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         "--model-repeats", type=int, default=9, help="training steps timed per model (whole steps drift the most)"
     )
     bench.add_argument(
-        "--sections", default="attention,rotary,models", help="comma-separated subset of attention,rotary,models"
+        "--sections",
+        default="attention,rotary,models",
+        help="comma-separated subset of attention,rotary,models,memory (memory: training steps at --memory-length)",
     )
+    bench.add_argument("--memory-length", type=int, default=8192, help="sequence length of the memory table")
     bench.add_argument("--out", default="runs/bench.json")
     evaluate = commands.add_parser(
         "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
@@ -220,10 +223,11 @@ def _bench(args) -> int:
     from .workflow.bench import markdown, run_bench, write
 
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
-    unknown = set(sections) - {"attention", "rotary", "models"}
+    unknown = set(sections) - {"attention", "rotary", "models", "memory"}
     if unknown:
         print(
-            f"hf-posenc bench: unknown sections {sorted(unknown)}; allowed: attention, rotary, models", file=sys.stderr
+            f"hf-posenc bench: unknown sections {sorted(unknown)}; allowed: attention, rotary, models, memory",
+            file=sys.stderr,
         )
         return 2
     results = run_bench(
@@ -236,6 +240,7 @@ def _bench(args) -> int:
         model_length=args.model_length,
         model_repeats=args.model_repeats,
         sections=sections,
+        memory_length=args.memory_length,
     )
     print(markdown(results))
     print(f"wrote {write(results, args.out)}")

@@ -7,6 +7,9 @@ Per architecture (tiny configs from hf_posenc.archs, random weights):
 - for alibi and t5_bias: the default path (`posenc_auto`: compiled flex for prefill and training on CUDA, SDPA for
   decode steps) in bf16 and fp32 against the fp32 eager reference, forward and one training step (the gradients);
 - generation with the KV cache against one full forward (alibi, bf16);
+- for alibi and t5_bias on decoders: a packed row with position ids restarting per document (and a gap) through the
+  default path in bf16 and fp32 against the fp32 eager reference; a training step with a padding mask on posenc_sdpa
+  (blocks recomputed in the backward) against the eager gradients;
 - for nope and sinusoidal: a forward that runs (their sites do not touch the kernels).
 Prints one line per check and writes them all as JSON.
 """
@@ -46,6 +49,39 @@ def build(arch, posenc=None, device="cuda", dtype=torch.float32, **kwargs):
 
 def relative(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+def position_checks(arch, scheme, device, x, paths, record) -> None:
+    """Packed documents with restarting (and gapped) position ids on the default path, and a padded training step on
+    the recomputed SDPA blocks, each against the fp32 eager reference."""
+    lengths = (11, 20, 17)
+    ids = torch.cat([torch.arange(n) + (40 if i == 1 else 0) * (torch.arange(n) >= 6) for i, n in enumerate(lengths)])
+    ids = ids[None].to(device)
+    tokens = x[:1, : sum(lengths)]
+    try:
+        reference = build(arch, scheme, device, torch.float32, attn_implementation="eager")
+        with torch.no_grad():
+            expected = reference(tokens, position_ids=ids, use_cache=False).logits
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build(arch, scheme, device, dtype)
+            paths.clear()
+            with torch.no_grad():
+                got = model(tokens, position_ids=ids, use_cache=False).logits
+            record(arch, f"{scheme} packed {dtype}", paths=sorted(set(paths)), logits_rel=relative(got, expected))
+        mask = torch.ones_like(x)
+        mask[0, :5] = 0
+        grads = []
+        for implementation in ("posenc_sdpa", "eager"):
+            model = build(arch, scheme, device, torch.float32, attn_implementation=implementation).train()
+            model.config.use_cache = False
+            labels = x.masked_fill(mask == 0, -100)
+            labels[0, 5] = -100  # predicted from the last padding row
+            model(x, attention_mask=mask, labels=labels).loss.backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        worst = max(relative(grads[0][n], g) for n, g in grads[1].items() if n in grads[0])
+        record(arch, f"{scheme} padded train posenc_sdpa", worst_grad_rel=worst)
+    except Exception as error:
+        record(arch, f"{scheme} positions", error=f"{type(error).__name__}: {error}"[:300])
 
 
 def main() -> int:
@@ -113,6 +149,9 @@ def main() -> int:
             except Exception as error:
                 record(arch, f"{scheme} train", error=f"{type(error).__name__}: {error}"[:300])
         if arch not in ("modernbert", "bert"):
+            for scheme in ("alibi", "t5_bias"):
+                if archs.takes(arch, scheme):
+                    position_checks(arch, scheme, device, x, paths, record)
             try:
                 model = build(arch, "alibi", device, torch.bfloat16)
                 model.generation_config.eos_token_id = None

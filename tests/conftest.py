@@ -143,7 +143,7 @@ def spy(monkeypatch):
         original = cls.forward
 
         def recording(self, q_positions, kv_positions, *args, _original=original):
-            sizes.append((len(q_positions), len(kv_positions)))
+            sizes.append((q_positions.shape[-1], kv_positions.shape[-1]))  # (Q,) or each row's own (B, Q)
             return _original(self, q_positions, kv_positions, *args)
 
         monkeypatch.setattr(cls, "forward", recording)

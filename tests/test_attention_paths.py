@@ -1,5 +1,5 @@
-"""The other score-bias paths (flex_attention, flash-attn, the per-call choice of posenc_auto) and the scoped flush of
-denormals, each against the float64 textbook formula of test_bias_paths."""
+"""The other score-bias paths (flex_attention, flash-attn, the per-call choice of posenc_auto), each against the float64
+textbook formula of test_bias_paths, and training through them (retained graphs, checkpointing, compile)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from test_contract import tokens
 from hf_posenc.modeling import posenc_attention
 from hf_posenc.modeling.posenc_attention import (
     AlibiBias,
-    DenormalFlush,
     ScoreBiasMask,
     T5RelativeBias,
     choose_path,
-    denormal_flush,
     posenc_flash_attention,
     posenc_flex_attention,
 )
+from hf_posenc.modeling.posenc_flush import DenormalFlush
 
 # ------------------------------------------------------------------------------------------------------------------
 # flex_attention (CPU: inference only; uncompiled here except in one test, where the compile takes seconds)
@@ -204,64 +203,8 @@ def test_auto_choice_fp32_cuda_skips_flash():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Denormals
+# Training (the flush of denormals and the recomputed blocks: tests/test_flush.py)
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def denormals_survive_everywhere() -> tuple[bool, bool]:
-    """(some thread keeps denormals, some thread flushes them), from one multiply spread over the OpenMP team."""
-    kept = (torch.full((1 << 20,), 1e-39) * 1.0) != 0
-    return bool(kept.any()), bool((~kept).any())
-
-
-class Recorder(torch.autograd.Function):
-    """Identity that records whether the calling thread flushes denormals, in forward and in backward."""
-
-    seen: list = []
-
-    @staticmethod
-    def forward(ctx, x):
-        Recorder.seen.append(("forward", DenormalFlush.flushing()))
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        Recorder.seen.append(("backward", DenormalFlush.flushing()))
-        return grad
-
-
-def test_denormals_flushed_for_the_call_and_its_backward_only():
-    """Inside the call and inside its backward denormals are flushed; before and after, IEEE denormals are back."""
-    assert not DenormalFlush.flushing()
-    Recorder.seen = []
-    x = torch.randn(8, requires_grad=True)
-    y = denormal_flush.around(Recorder.apply, x)
-    assert not DenormalFlush.flushing()
-    y.sum().backward()
-    assert Recorder.seen == [("forward", True), ("backward", True)]
-    assert not DenormalFlush.flushing() and denormals_survive_everywhere() == (True, False)
-
-
-@pytest.mark.skipif(torch.get_num_threads() < 2 or not denormal_flush._resolve(), reason="needs an OpenMP team")
-def test_denormals_flushed_on_every_thread():
-    """torch.set_flush_denormal reaches the calling thread only; the flush reaches every thread of the team."""
-    token = denormal_flush.enter(torch.zeros(1))
-    try:
-        assert denormals_survive_everywhere() == (False, True)
-    finally:
-        denormal_flush.exit(token)
-    assert denormals_survive_everywhere() == (True, False)
-
-
-def test_denormal_flush_leaves_a_user_setting_alone(monkeypatch):
-    """A process that already flushes keeps flushing; disabled, the flush is never touched."""
-    torch.set_flush_denormal(True)
-    try:
-        assert denormal_flush.enter(torch.zeros(1)) is None
-    finally:
-        torch.set_flush_denormal(False)
-    monkeypatch.setattr(DenormalFlush, "enabled", False)
-    assert denormal_flush.enter(torch.zeros(1)) is None and not DenormalFlush.flushing()
 
 
 @pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])

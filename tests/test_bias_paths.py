@@ -36,7 +36,7 @@ def reference(query, key, value, provider, masks: ScoreBiasMask, scaling):
 
 
 def run(provider, masks, batch=2, heads=4, kv_heads=4, q_len=None, k_len=None, dtype=torch.float32, seed=0, spy=None):
-    """posenc_sdpa vs the fp64 reference; `spy` keeps only the bias blocks the attention itself asked for."""
+    """posenc_sdpa vs the fp64 reference; `spy` keeps only the bias blocks the attention's forward asked for."""
     generator = torch.Generator().manual_seed(seed)
     q_len = q_len or len(masks.q_positions)
     k_len = k_len or len(masks.kv_positions)
@@ -49,10 +49,10 @@ def run(provider, masks, batch=2, heads=4, kv_heads=4, q_len=None, k_len=None, d
     out, _ = posenc_sdpa_attention(Attention(provider), query, key, value, masks, scaling=0.25)
     asked = len(spy) if spy is not None else 0
     expected = reference(query, key, value, provider, masks, 0.25)
-    if spy is not None:
-        del spy[asked:]
     grads = torch.autograd.grad(out.float().square().sum(), (query, key, value))
     expected_grads = torch.autograd.grad(expected.square().sum(), (query, key, value))
+    if spy is not None:  # the forward's blocks (the backward recomputes the same ones)
+        del spy[asked:]
     return out, expected, grads, expected_grads
 
 

@@ -18,12 +18,10 @@ None of them ever allocates a (B, H, Q, K) bias. Shape legend: B batch, H heads,
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import dataclasses
 import functools
-import sys
+import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -31,6 +29,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
+from .posenc_flush import DenormalFlush, blockwise, denormal_flush  # noqa: F401 (the flush's home for callers)
 from .posenc_schemes import alibi_slopes, get_scheme, t5_relative_position_bucket
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -48,12 +47,16 @@ class RelativeBias(nn.Module):
 
     #: calls of the posenc attention functions that used this provider (the adapters check that a forward made some)
     calls = 0
+    #: the position ids of the forward in progress, set by the model's position-free rotary modules
+    position_ids: torch.Tensor | None = None
 
     def forward(
         self, q_positions: torch.Tensor, kv_positions: torch.Tensor, heads: int | None = None, causal: bool = True
     ) -> torch.Tensor:
-        """(Q,), (K,) positions -> (H, Q, K) float32 bias."""
-        return self.by_distance(kv_positions[None, :] - q_positions[:, None], heads, causal)  # key minus query (T5)
+        """(Q,), (K,) positions -> (H, Q, K) float32 bias; (B, Q), (B, K) positions (each row's own) -> (B, H, Q, K)."""
+        relative = kv_positions[..., None, :] - q_positions[..., :, None]  # key minus query (T5)
+        bias = self.by_distance(relative, heads, causal)
+        return bias if relative.dim() == 2 else bias.movedim(0, 1)
 
     def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
         """Relative positions `key - query` of any shape S -> (H, *S) float32 bias."""
@@ -158,12 +161,54 @@ class ScoreBiasMask:
         causal: whether queries see only earlier keys (decoders) or every key (encoders).
         q_positions: (Q,) cache coordinates of the queries.
         kv_positions: (K,) cache coordinates of the keys.
+        q_ids, kv_ids: (B, Q) and (B, K) positions of queries and keys, where the call's `position_ids` are not the
+            cache coordinates (a gap, packed documents restarting at 0, left padding): the bias measures distances
+            with these, the mask and causality go by the coordinates. None: the coordinates are the positions.
     """
 
     mask: torch.Tensor | None
     causal: bool
     q_positions: torch.Tensor
     kv_positions: torch.Tensor
+    q_ids: torch.Tensor | None = None
+    kv_ids: torch.Tensor | None = None
+
+    def bias_positions(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """The positions the bias of query rows `rows` measures distances with: (rows,) and (K,), or (B, rows) and
+        (B, K) where the rows have positions of their own."""
+        if self.q_ids is None:
+            return self.q_positions[rows], self.kv_positions
+        return self.q_ids[:, rows], self.kv_ids
+
+    def bias(self, provider: RelativeBias, rows: slice, heads: int, causal: bool) -> torch.Tensor:
+        """The fp32 bias of query rows `rows`: (1, H, rows, K), or (B, H, rows, K) with positions of each row's own."""
+        bias = provider(*self.bias_positions(rows), heads, causal)
+        return bias if bias.dim() == 4 else bias[None]
+
+    def with_position_ids(self, position_ids: torch.Tensor | None) -> ScoreBiasMask:
+        """These masks, measuring distances with the call's `position_ids` (B or 1, Q) where they are not the cache
+        coordinates. The keys of the call are its queries' positions; keys already cached before them sit at their
+        cache slot shifted as the row's first query is (what `generate`'s pad-aware position ids give)."""
+        if position_ids is None:
+            return self
+        if position_ids.dim() == 3:  # multimodal RoPE (temporal, height, width): text tokens carry equal components
+            position_ids = position_ids[0]
+        q_length = len(self.q_positions)
+        if position_ids.dim() != 2 or position_ids.shape[-1] != q_length:
+            raise ValueError(
+                f"position_ids of shape {tuple(position_ids.shape)} do not match the {q_length} queries of the "
+                "attention call; pass (batch, length) position ids"
+            )
+        position_ids = position_ids.to(self.q_positions.device)
+        if not torch.compiler.is_compiling() and torch.equal(position_ids, self.q_positions.expand_as(position_ids)):
+            return self  # the coordinates themselves: the batch-free paths apply
+        shift = position_ids[:, :1] - self.q_positions[:1]
+        kv_ids = self.kv_positions[None, :] + shift  # (B, K)
+        # where the queries sit among the keys (a prefill; a StaticCache has unfilled slots after them)
+        start = self.q_positions[0] - self.kv_positions[0]
+        index = (torch.arange(q_length, device=position_ids.device) + start).expand_as(position_ids)
+        kv_ids = kv_ids.scatter(1, index.clamp(0, kv_ids.shape[1] - 1), position_ids)
+        return dataclasses.replace(self, q_ids=position_ids, kv_ids=kv_ids)
 
     def block(self, rows: slice) -> torch.Tensor | None:
         """The boolean mask of query rows `rows` (B or 1, 1, rows, K), built from positions when `mask` is None."""
@@ -214,123 +259,6 @@ def posenc_mask(
     q_positions = torch.arange(q_length, device=device) + q_offset
     kv_positions = torch.arange(kv_length, device=device) + kv_offset
     return ScoreBiasMask(mask, causal, q_positions, kv_positions)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Denormals
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class DenormalFlush:
-    """Flush denormal floats to zero on every CPU thread for the span of one attention call, then restore.
-
-    A bias that falls with distance drives many softmax weights `exp(score - max)` into the fp32 denormal range
-    (below 1.2e-38), where x86 arithmetic slows down by orders of magnitude: causal ALiBi on SDPA ran 2.6x slower for
-    that alone. Flushing those weights to zero changes the output by less than 1e-38 relative to a row's sum, i.e. not
-    at all in fp32. `torch.set_flush_denormal` sets the calling thread only, and the OpenMP workers that run the
-    kernel keep their own state; with libgomp (PyTorch's Linux builds) every thread of the team gets the flushing
-    floating-point environment through one `GOMP_parallel` call of `fesetenv`. Elsewhere only the calling thread is
-    set. A no-op for tensors that are not on the CPU. Set `DenormalFlush.enabled = False` to keep IEEE denormals.
-    """
-
-    enabled = True
-
-    def __init__(self):
-        self._team = None  # (GOMP_parallel, fesetenv, fegetenv) or () when unavailable; resolved on first use
-
-    def _resolve(self):
-        if self._team is None:
-            self._team = ()
-            try:
-                if sys.platform.startswith("linux") and "OpenMP" in torch.__config__.parallel_info():
-                    with open("/proc/self/maps") as maps:
-                        paths = {line.split()[-1] for line in maps if "libgomp" in line.rsplit("/", 1)[-1]}
-                    # torch's own runtime first: torch.compile'd kernels may load the system's libgomp beside it
-                    torch_lib = str(Path(torch.__file__).parent)
-                    path = min(paths, key=lambda candidate: not candidate.startswith(torch_lib))
-                    gomp, libm = ctypes.CDLL(path), ctypes.CDLL(ctypes.util.find_library("m"))
-                    gomp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
-                    gomp.GOMP_parallel.restype = None
-                    libm.fegetenv.argtypes = [ctypes.c_void_p]
-                    self._team = (gomp.GOMP_parallel, ctypes.cast(libm.fesetenv, ctypes.c_void_p), libm.fegetenv)
-            except (OSError, ValueError, AttributeError, TypeError):  # no libgomp or libm: the calling thread only
-                self._team = ()
-        return self._team
-
-    @staticmethod
-    def flushing() -> bool:
-        """Whether the calling thread flushes denormals (a denormal operand reads as zero)."""
-        return (torch.full((), 1e-39) * 1.0).item() == 0.0
-
-    def _set_team(self, environment) -> None:
-        parallel, fesetenv, _ = self._team
-        parallel(fesetenv, environment, torch.get_num_threads(), 0)
-
-    def enter(self, where: torch.Tensor | torch.device):
-        """Start flushing on every thread (for a tensor or device on the CPU); returns the token `exit` needs (None
-        when nothing was changed)."""
-        device = where.device if isinstance(where, torch.Tensor) else torch.device(where)
-        if not self.enabled or device.type != "cpu" or self.flushing():
-            return None
-        team = self._resolve()
-        if not team:
-            torch.set_flush_denormal(True)
-            return "thread"
-        before, after = ctypes.create_string_buffer(256), ctypes.create_string_buffer(256)  # >= sizeof(fenv_t)
-        team[2](before)
-        torch.set_flush_denormal(True)
-        team[2](after)
-        self._set_team(after)
-        return before
-
-    def exit(self, token) -> None:
-        if token is None:
-            return
-        if isinstance(token, str):
-            torch.set_flush_denormal(False)
-        else:
-            self._set_team(token)
-
-    def around(self, function, *tensors):
-        """`function(*tensors)` with denormals flushed, in its forward and in its backward. `function` must reach every
-        tensor that needs a gradient through its arguments. Under torch.compile it runs as it is (no flush)."""
-        if not self.enabled or tensors[0].device.type != "cpu" or torch.compiler.is_compiling():
-            return function(*tensors)
-        token = self.enter(tensors[0])
-        try:
-            output = function(*tensors)
-        finally:
-            self.exit(token)
-        inputs = [t for t in tensors if t.requires_grad]
-        if output.grad_fn is not None and inputs:
-            self._flush_backward(output.grad_fn, inputs)
-        return output
-
-    def _flush_backward(self, node, inputs: list) -> None:
-        """Flush from the moment the output's gradient arrives until every input's gradient is computed (SDPA's math
-        fallback, used with dropout, is several autograd nodes), and at the latest until the backward pass ends."""
-        state, count = {}, len(inputs)  # the closures keep the count, not the tensors
-
-        def finish(*_):
-            if "token" in state:
-                self.exit(state.pop("token"))
-
-        def start(grad_outputs):
-            if "token" not in state:
-                state["token"], state["left"] = self.enter(torch.device("cpu")), count
-                torch.autograd.Variable._execution_engine.queue_callback(finish)  # the safety net
-
-        def arrived(grad):
-            state["left"] = state.get("left", 1) - 1
-            if state["left"] == 0:
-                finish()
-
-        node.register_prehook(start)  # the hooks hold no tensor: nothing outlives what autograd itself keeps
-        for tensor in inputs:
-            tensor.register_hook(arrived)
-
-
-denormal_flush = DenormalFlush()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -387,10 +315,13 @@ class ScoreExtras:
         return self.softcap is not None or self.sinks is not None
 
 
-def _call(module: nn.Module, attention_mask, kwargs: dict, count: bool = True) -> tuple[nn.Module, ScoreExtras]:
-    """The bias provider and score extras of one attention call, refusing what no posenc kernel can apply: a prepared
-    mask that bypasses the cache coordinates, or a keyword the kernels do not know (it would be dropped silently).
-    `count`: record the call on the provider (the kernel that computes does; `posenc_auto`, which picks it, not)."""
+def _call(
+    module: nn.Module, attention_mask, kwargs: dict, count: bool = True
+) -> tuple[nn.Module, ScoreExtras, ScoreBiasMask]:
+    """The bias provider, score extras and masks (with the call's position ids) of one attention call, refusing what
+    no posenc kernel can apply: a prepared mask that bypasses the cache coordinates, or a keyword the kernels do not
+    know (it would be dropped silently). `count`: record the call on the provider (the kernel that computes does;
+    `posenc_auto`, which picks it, not)."""
     provider = getattr(module, "posenc_bias", None)
     scheme = getattr(getattr(module, "config", None), "posenc", {}).get("type")
     if provider is None:
@@ -416,7 +347,11 @@ def _call(module: nn.Module, attention_mask, kwargs: dict, count: bool = True) -
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     own = getattr(module, "is_causal", None)
     causal = own if isinstance(own, bool) else attention_mask.causal
-    return provider, ScoreExtras(kwargs.get("softcap"), sinks, causal)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:  # a model that does not hand them on: those its rotary module was called with
+        position_ids = getattr(provider, "position_ids", None)
+    masks = attention_mask.with_position_ids(position_ids)
+    return provider, ScoreExtras(kwargs.get("softcap"), sinks, causal), masks
 
 
 def _query_meets_key(masks: ScoreBiasMask, index: int) -> bool:
@@ -449,15 +384,17 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     """
     batch, heads, q_length, head_dim = query.shape
     kv_heads = key.shape[1]
-    kv_positions = masks.kv_positions
+    kv_positions = masks.kv_positions if masks.kv_ids is None else masks.kv_ids  # (K,) or each row's own (B, K)
     if key.shape[2] > q_length:  # StaticCache prefill: the keys past the queries are not filled yet
-        key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[:q_length]
+        key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[..., :q_length]
     value_dim = value.shape[-1]  # multi-head latent attention has values narrower than queries and keys
     # one width for q, k and v (the fused kernels need it), a multiple of 8 (they need that too)
     width = max(head_dim + 1, value_dim) + (-max(head_dim + 1, value_dim) % 8)
     # positions counted from the middle key halve the column's magnitude (its fp32 rounding is the trick's only
     # error); a per-row shift changes nothing after softmax
-    column = ((kv_positions - kv_positions[len(kv_positions) // 2]).to(torch.float32) / scaling).to(key.dtype)
+    middle = kv_positions[..., kv_positions.shape[-1] // 2, None]
+    column = ((kv_positions - middle).to(torch.float32) / scaling).to(key.dtype)
+    column = column if column.dim() == 1 else column[:, None, :]  # (B, 1, K): one column per row
     slopes = provider.slopes(query.device, heads).to(query.dtype)
     group = heads // kv_heads  # query heads per key head
 
@@ -485,7 +422,7 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
         extended_k[..., :head_dim] = k
         extended_k[..., head_dim] = column
         extended_v[..., :value_dim] = v
-        result = denormal_flush.around(attention, extended_q, extended_k, extended_v)
+        result = blockwise(attention, extended_q, extended_k, extended_v)
         output[:, :, q_rows] = result[..., :value_dim].transpose(1, 2)
         del q, k, v, extended_q, extended_k, extended_v, result  # before the next group allocates its own
     return output, None
@@ -515,34 +452,44 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     """SDPA with the bias, one block of query rows at a time: only a (B, H, chunk, K) bias exists, never (Q, K).
 
     The bias is fp32 and so is each block's attention (inputs upcast), so a bf16 model keeps an exact bias. Score
-    extras (soft-capping, sinks), which SDPA cannot take, go through `_scores_attention` block by block.
+    extras (soft-capping, sinks), which SDPA cannot take, go through `_scores_attention` block by block. In training
+    each block keeps only its inputs and recomputes its bias and scores in the backward (`blockwise`), so memory
+    stays O(L) with a padding mask too.
     """
     batch, heads, q_length, _ = query.shape
     key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     compute = torch.float32
-    key32, value32 = key.to(compute), value.to(compute)
     chunk = max(1, BIAS_BLOCK_BYTES // (4 * batch * heads * key.shape[2]))
+    # the provider's parameters (T5's table) and the sinks are inputs of each block, so that a recomputed block
+    # differentiates them too
+    names, weights = zip(*provider.named_parameters()) if any(True for _ in provider.parameters()) else ((), ())
+    sinks = () if extras.sinks is None else (extras.sinks,)
 
-    def attention(rows_query, key32, value32, bias):
-        return nn.functional.scaled_dot_product_attention(
-            rows_query, key32, value32, attn_mask=bias, dropout_p=dropout, scale=scaling
+    def block(rows, rows_query, key, value, *tensors):
+        arguments = (*masks.bias_positions(rows), heads, extras.causal)
+        bias = torch.func.functional_call(provider, dict(zip(names, tensors)), arguments)
+        bias = bias if bias.dim() == 4 else bias[None]  # (1 or B, H, c, K) fp32
+        allowed = masks.block(rows)
+        rows_query, key, value = rows_query.to(compute), key.to(compute), value.to(compute)
+        if extras:
+            block_extras = dataclasses.replace(extras, sinks=tensors[len(names)] if sinks else None)
+            output, _ = _scores_attention(
+                rows_query, key, value, bias, allowed, scaling, dropout, dropout > 0, block_extras
+            )
+            return output.to(query.dtype)
+        if allowed is not None:
+            bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
+        output = nn.functional.scaled_dot_product_attention(
+            rows_query, key, value, attn_mask=bias, dropout_p=dropout, scale=scaling
         )
+        return output.to(query.dtype)
 
     outputs = []
     for start in range(0, q_length, chunk):
         rows = slice(start, start + chunk)
-        bias = provider(masks.q_positions[rows], masks.kv_positions, heads, extras.causal)[None]  # (1, H, c, K) fp32
-        allowed = masks.block(rows)
-        rows_query = query[:, :, rows].to(compute)
-        if extras:
-            output, _ = _scores_attention(
-                rows_query, key32, value32, bias, allowed, scaling, dropout, dropout > 0, extras
-            )
-            outputs.append(output.to(query.dtype))
-            continue
-        if allowed is not None:
-            bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
-        outputs.append(denormal_flush.around(attention, rows_query, key32, value32, bias).to(query.dtype))
+        function = functools.partial(block, rows)
+        tensors = (query[:, :, rows], key, value, *weights, *sinks)
+        outputs.append(blockwise(function, *tensors, recompute=True, random=dropout > 0))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -550,9 +497,8 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact and fastest
     (causal, fp32, no padding, more than one query, no score extras), query-chunked blocks everywhere else (see
     `hf-posenc bench`)."""
-    provider, extras = _call(module, attention_mask, kwargs)
+    provider, extras, masks = _call(module, attention_mask, kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    masks = attention_mask
     # the column trick needs SDPA's is_causal alignment: queries and keys both start at the first position (a
     # prefill; keys past the queries are unfilled StaticCache slots). A decode step (one query) is faster chunked
     # anyway: one (H, K) bias row instead of extended copies of the whole cache.
@@ -583,8 +529,7 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     """
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    provider, extras = _call(module, attention_mask, kwargs)
-    masks = attention_mask
+    provider, extras, masks = _call(module, attention_mask, kwargs)
     if extras.sinks is not None:
         raise ValueError("attn_implementation 'posenc_flex' cannot take attention sinks (s_aux); use 'posenc_sdpa'")
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
@@ -597,15 +542,21 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     batch, heads, q_length, _ = query.shape
     k_length = key.shape[2]
     q_offset, kv_offset = int(masks.q_positions[0]), int(masks.kv_positions[0])
-    first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
-    distances = torch.arange(first, first + q_length + k_length - 1, device=query.device)
-    table = provider.by_distance(distances, heads, extras.causal)
-    offset, softcap = q_length - 1, extras.softcap
+    softcap, q_ids, kv_ids = extras.softcap, masks.q_ids, masks.kv_ids
+    if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_offset - q_offset)
+        first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
+        last = first + q_length + k_length - 2
+    else:  # each row's own positions
+        first, last = int(kv_ids.min() - q_ids.max()), int(kv_ids.max() - q_ids.min())
+    table = provider.by_distance(torch.arange(first, last + 1, device=query.device), heads, extras.causal)
 
     def score_mod(score, b, h, q_index, kv_index):
         if softcap is not None:
             score = torch.tanh(score / softcap) * softcap
-        return score + table[h, kv_index - q_index + offset]
+        if q_ids is None:
+            return score + table[h, kv_index - q_index + (q_length - 1)]
+        row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
+        return score + table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
 
     if masks.mask is not None:
         allowed = masks.mask
@@ -656,6 +607,7 @@ def flash_applies(query, provider, masks: ScoreBiasMask, extras: ScoreExtras = S
     return (
         isinstance(provider, AlibiBias)
         and masks.mask is None
+        and masks.q_ids is None  # the kernel measures distances by index
         and query.device.type == "cuda"
         and query.dtype in (torch.float16, torch.bfloat16)
         and _query_meets_key(masks, -1)
@@ -667,12 +619,12 @@ def flash_applies(query, provider, masks: ScoreBiasMask, extras: ScoreExtras = S
 
 def posenc_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flash-attn with `alibi_slopes`: the bias is computed inside the kernel (ALiBi only)."""
-    provider, extras = _call(module, attention_mask, kwargs)
-    masks = attention_mask
+    provider, extras, masks = _call(module, attention_mask, kwargs)
     if not flash_applies(query, provider, masks, extras):
         raise ValueError(
-            "attn_implementation 'posenc_flash' runs ALiBi on CUDA in fp16/bf16 without a padding mask, window or "
-            "attention sinks, with the queries ending at the last key; got posenc "
+            "attn_implementation 'posenc_flash' runs ALiBi on CUDA in fp16/bf16 without a padding mask, window, "
+            "attention sinks or position ids other than the cache positions, with the queries ending at the last key; "
+            "got posenc "
             f"{module.config.posenc['type']!r}, {query.device.type} {query.dtype}, mask "
             f"{'present' if masks.mask is not None else 'none'}, "
             f"sinks {'present' if extras.sinks is not None else 'none'}; "
@@ -722,22 +674,19 @@ def choose_path(
 
 def posenc_auto_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """The default for score-bias schemes: the fastest exact path for this call's device, dtype and mask."""
-    provider, extras = _call(module, attention_mask, kwargs, count=False)
+    provider, extras, masks = _call(module, attention_mask, kwargs, count=False)
     training_dropout = dropout if module.training else 0.0
-    path = choose_path(
-        query, provider, attention_mask, training_dropout, flash_attn_available(), extras, value.shape[-1]
-    )
+    path = choose_path(query, provider, masks, training_dropout, flash_attn_available(), extras, value.shape[-1])
     return BIAS_KERNELS[path](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Textbook attention with the bias: the reference. Scores and softmax in float32; returns the weights."""
-    provider, extras = _call(module, attention_mask, kwargs)
+    provider, extras, masks = _call(module, attention_mask, kwargs)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    masks = attention_mask
-    bias = provider(masks.q_positions, masks.kv_positions, query.shape[1], extras.causal)[None]  # (1, H, Q, K) fp32
+    bias = masks.bias(provider, slice(None), query.shape[1], extras.causal)  # (1 or B, H, Q, K) fp32
     output, weights = _scores_attention(
         query, key, value, bias, masks.block(slice(None)), scaling, dropout, module.training, extras
     )
@@ -746,6 +695,28 @@ def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.
 
 # One name per kernel, registered for both the attention and the mask interface: a name known only to the attention
 # interface would make mask preparation exit early and drop the padding mask.
+#
+# The registries are process-wide, and a process may hold several copies of this file: the installed hf_posenc, and
+# one per folder a `trust_remote_code` load imported (each its own module, maybe of another release). Each copy
+# registers its kernels under names of its own (the installed plugin the plain `posenc_sdpa`, a folder's copy
+# `posenc_sdpa.<tag of its module>`), and its models run those names, so a model keeps running its own code's kernels
+# whatever else is loaded or imported later.
+KERNEL_SUFFIX = "" if __name__.startswith("hf_posenc.") else "." + hashlib.sha1(__name__.encode()).hexdigest()[:10]
+
+
+def kernel_name(kernel: str) -> str:
+    """The attn_implementation name of this copy's `kernel` ('sdpa' -> 'posenc_sdpa' or 'posenc_sdpa.<tag>')."""
+    return f"posenc_{kernel}{KERNEL_SUFFIX}"
+
+
+def kernel_of(name) -> str | None:
+    """The posenc kernel an attn_implementation names, in any copy's spelling ('posenc_sdpa.<tag>' -> 'sdpa'), or None
+    for a name that is not a posenc kernel's."""
+    if isinstance(name, str) and name.startswith("posenc_"):
+        return name.removeprefix("posenc_").split(".")[0]
+    return None
+
+
 BIAS_KERNELS = {
     "auto": posenc_auto_attention,
     "sdpa": posenc_sdpa_attention,
@@ -756,5 +727,5 @@ BIAS_KERNELS = {
 #: posenc kernel -> the stock attn_implementation a user may name instead (None: the default when none is named)
 STOCK_NAMES = {"auto": None, "sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2", "eager": "eager"}
 for _kernel, _function in BIAS_KERNELS.items():
-    AttentionInterface.register(f"posenc_{_kernel}", _function)
-    AttentionMaskInterface.register(f"posenc_{_kernel}", posenc_mask)
+    AttentionInterface.register(kernel_name(_kernel), _function)
+    AttentionMaskInterface.register(kernel_name(_kernel), posenc_mask)

@@ -8,7 +8,9 @@ Three tables, each path timed on the same inputs (warm-up, then the median of re
 - rotary: the plugin's rotary step (GPT-2, BERT) against transformers' `apply_rotary_pos_emb` and the time to copy q
   and k, forward and forward+backward, in fp32, bf16 and fp16, from a decode step (S=1) up;
 - models: one training step of a whole model per scheme at one length: tokens/s, as a ratio to the same posenc model
-  with NoPE and to the stock transformers model (its native scheme).
+  with NoPE and to the stock transformers model (its native scheme);
+- memory: one training step of a whole model per scheme at a long length, with and without a padding token: peak
+  memory growth and seconds, each as a ratio to the same model with NoPE (a bias scheme must train in O(L) memory).
 
 On a GPU the attention table adds the flex and flash paths (when flash-attn is installed) and bf16 inputs.
 """
@@ -297,6 +299,61 @@ def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "
     return rows
 
 
+def _padded_train_step(model, tokens, mask) -> None:
+    model(tokens, attention_mask=mask, labels=tokens).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+#: the model of the memory table: small enough that a step at 8k tokens fits a laptop with O(L^2) memory too
+MEMORY_SHAPE = dict(num_hidden_layers=2, hidden_size=256, num_attention_heads=4, intermediate_size=512, vocab_size=4096)
+
+
+def run_memory(length=8192, schemes=("nope", "alibi", "t5_bias"), repeats=2, batch=1):
+    """One training step of a small Llama per scheme at `length`, without padding and with one padding token (a
+    padding mask sends bias schemes off the mask-free paths): peak memory growth (one step on its own) and seconds,
+    as ratios to NoPE."""
+    from transformers import AutoModelForCausalLM
+
+    arch = "llama"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = AutoConfig.for_model(arch, **MEMORY_SHAPE, max_position_embeddings=length)
+    tokens = torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(device)
+    padded_mask = torch.ones_like(tokens)
+    padded_mask[:, 0] = 0  # one left-padding token
+    rows = []
+    for padded in (False, True):
+        mask = padded_mask if padded else None
+        models, steps = {}, {}
+        for scheme in schemes:
+            torch.manual_seed(0)
+            models[scheme] = AutoModelForCausalLM.from_config(copy.deepcopy(config), posenc=scheme).to(device).train()
+            steps[scheme] = functools.partial(_padded_train_step, models[scheme], tokens, mask)
+        peaks = {}
+        for scheme, step in steps.items():
+            step()  # warm-up outside the measured block
+            with PeakMemory(device) as memory:
+                step()
+            peaks[scheme] = memory.peak_bytes / 2**20
+        seconds = time_calls(steps, repeats, warmup=0)
+        for scheme in schemes:
+            rows.append(
+                dict(
+                    arch=arch,
+                    scheme=scheme,
+                    length=length,
+                    padding=padded,
+                    attn_implementation=models[scheme].config._attn_implementation,
+                    train_step_s=seconds[scheme],
+                    train_peak_mib=peaks[scheme],
+                    train_step_x_nope=seconds[scheme] / seconds["nope"],
+                    train_peak_x_nope=peaks[scheme] / peaks["nope"],
+                )
+            )
+        del models, steps
+    return rows
+
+
 def run_bench(
     lengths=(512, 1024, 2048, 4096, 8192, 16384),
     heads=12,
@@ -308,6 +365,7 @@ def run_bench(
     model_length=1024,
     model_repeats=9,
     sections=("attention", "rotary", "models"),
+    memory_length=8192,
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"shape": dict(batch=batch, heads=heads, head_dim=head_dim), "environment": environment(device)}
@@ -317,6 +375,8 @@ def run_bench(
         results["rotary"] = run_rotary(sorted({1, *(n for n in lengths if n <= 8192)}), heads, head_dim, batch)
     if "models" in sections:
         results["models"] = run_models(model_length, repeats=model_repeats)
+    if "memory" in sections:
+        results["memory"] = run_memory(memory_length)
     return results
 
 
@@ -376,6 +436,19 @@ def markdown(results: dict) -> str:
             cells = [row["arch"], row["model"], str(row["length"]), row["attn_implementation"]]
             cells += [_number(row, "train_step_s", 3), _number(row, "train_tokens_per_s", 0)]
             cells += [_number(row, "speed_x_nope"), _number(row, "speed_x_stock")]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    if "memory" in results:
+        out += [
+            "### Training memory: one step (forward + backward), one padding token or none",
+            "",
+            "| arch | scheme | L | padding | attention | step s | x NoPE | peak MiB | x NoPE |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["memory"]:
+            cells = [row["arch"], row["scheme"], str(row["length"]), "yes" if row["padding"] else "no"]
+            cells += [row["attn_implementation"], _number(row, "train_step_s", 3), _number(row, "train_step_x_nope")]
+            cells += [_number(row, "train_peak_mib", 0), _number(row, "train_peak_x_nope")]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -1,0 +1,134 @@
+"""Explicit `position_ids`: every scheme measures positions with them (a gap is seen, a shift is not), and packed
+(padding-free) batches from transformers' DataCollatorWithFlattening give each document what it gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build
+from test_contract import tokens
+from transformers import DataCollatorWithFlattening
+
+from hf_posenc.modeling import posenc_attention
+
+BIAS_PATHS = ["posenc_sdpa", "posenc_eager", "posenc_flex"]
+SCHEMES = ["learned", "sinusoidal", "rope", "nope", "alibi", "t5_bias"]
+
+
+@pytest.fixture(autouse=True)
+def eager_flex(monkeypatch):
+    """Uncompiled flex on the CPU (inference): the same score_mod and block mask."""
+    monkeypatch.setattr(posenc_attention, "FLEX_COMPILE", False)
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def logits(model, x, **kwargs):
+    with torch.no_grad():
+        return model(x, **kwargs).logits
+
+
+def gapped(length: int, at: int, gap: int = 96) -> torch.Tensor:
+    positions = torch.arange(length)
+    return (positions + gap * (positions >= at))[None]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_a_gap_in_position_ids_changes_a_bias(arch, scheme):
+    """A gap of 96 between two halves changes ALiBi's and T5's outputs (it changed nothing before), a constant shift
+    does not (relative schemes), and every CPU path agrees with the eager reference."""
+    x = tokens(2, 24)
+    ids = gapped(24, 12).expand(2, -1)
+    results = {}
+    for path in BIAS_PATHS if arch != "bert" else ["posenc_sdpa", "posenc_eager"]:
+        model = build(arch, scheme, attn_implementation=path)
+        results[path] = logits(model, x, position_ids=ids)
+        plain = logits(model, x)
+        assert not torch.allclose(results[path], plain, atol=1e-4), f"{path} ignored the gap"
+        shifted = logits(model, x, position_ids=torch.arange(24)[None] + 7)
+        torch.testing.assert_close(shifted, plain, atol=2e-5, rtol=1e-5)
+    for path, result in results.items():
+        torch.testing.assert_close(result, results["posenc_eager"], atol=2e-5, rtol=1e-5, msg=path)
+
+
+def test_position_ids_of_each_row_of_a_batch():
+    """Rows with different position ids get different biases (the batch's own, not its first row's)."""
+    x = tokens(1, 20).expand(2, -1)
+    ids = torch.cat([torch.arange(20)[None], gapped(20, 10)])
+    for path in BIAS_PATHS:
+        model = build("llama", "alibi", attn_implementation=path)
+        out = logits(model, x, position_ids=ids)
+        torch.testing.assert_close(out[0], logits(model, x[:1])[0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1], logits(model, x[:1], position_ids=ids[1:])[0], atol=2e-5, rtol=1e-5)
+
+
+def test_position_ids_continue_after_a_cache():
+    """With a KV cache, the new tokens' own position ids count and the cached tokens sit at their slots shifted as
+    the row's newest tokens are: a left-padded batch with generate's pad-aware ids, prefilled with a gap inside the
+    new tokens, then continued, equals the full forward."""
+    from conftest import pad_aware_positions
+
+    x = tokens(2, 16)
+    mask = torch.ones_like(x)
+    mask[0, :3] = 0
+    ids = pad_aware_positions(mask)
+    ids[:, 13:] += 40  # a gap among the tokens of the second call
+    model = build("llama", "alibi")
+    full = logits(model, x, attention_mask=mask, position_ids=ids)
+    with torch.no_grad():
+        first = model(x[:, :12], attention_mask=mask[:, :12], position_ids=ids[:, :12], use_cache=True)
+        rest = model(
+            x[:, 12:], attention_mask=mask, position_ids=ids[:, 12:], past_key_values=first.past_key_values
+        ).logits
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat([first.logits, rest], 1)[real], full[real], atol=2e-5, rtol=1e-5)
+
+
+def test_position_ids_of_the_wrong_length_are_refused():
+    masks = posenc_attention.ScoreBiasMask(None, True, torch.arange(8), torch.arange(8))
+    with pytest.raises(ValueError, match=r"position_ids of shape \(1, 9\) do not match the 8 queries"):
+        masks.with_position_ids(torch.arange(9)[None])
+    assert masks.with_position_ids(torch.arange(8)[None]) is masks  # the coordinates: nothing per row
+
+
+def documents():
+    lengths = (5, 11, 8)
+    generator = torch.Generator().manual_seed(3)
+    return [torch.randint(3, 90, (n,), generator=generator) for n in lengths]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_packed_documents_equal_each_alone(arch, scheme):
+    """DataCollatorWithFlattening's packed row (position ids restarting per document, no padding) gives every token
+    the logits of its document run alone, and the same loss, on every CPU path of the scheme."""
+    docs = documents()
+    batch = DataCollatorWithFlattening(return_position_ids=True)([{"input_ids": d.tolist()} for d in docs])
+    paths = BIAS_PATHS if scheme in ("alibi", "t5_bias") else ["sdpa", "eager"]
+    for path in paths:
+        model = build(arch, scheme, attn_implementation=path)
+        # transformers reads packing from the position ids where no cache is made (training, use_cache=False)
+        packed = logits(model, batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)[0]
+        alone = torch.cat([logits(model, d[None])[0] for d in docs])
+        torch.testing.assert_close(packed, alone, atol=3e-5, rtol=1e-5, msg=path)
+
+
+@pytest.mark.parametrize("scheme", ["alibi", "t5_bias"])
+def test_packed_training_equals_each_alone(scheme):
+    """Training on a packed row: the gradients of the summed per-document losses equal those of the documents run
+    one by one (the recomputed chunked blocks, with each row's own positions)."""
+    docs = documents()
+    batch = DataCollatorWithFlattening(return_position_ids=True)([{"input_ids": d.tolist()} for d in docs])
+    grads = []
+    for packed in (True, False):
+        model = build("llama", scheme, attn_implementation="posenc_sdpa").train()
+        if packed:
+            out = model(batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        else:
+            out = torch.cat([model(d[None]).logits[0] for d in docs])
+        out.square().mean().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
