@@ -126,7 +126,12 @@ def load_converted(load, source: str, source_config, target_config, architecture
                 module.num_embeddings = target["num_positions"]
                 report.grown.append(f"{name}.weight: {rows} -> {target['num_positions']} rows ({target['grow']})")
                 report.kept.remove(f"{name}.weight")
+        # the model now computes the grown table's scheme: the config and the model both record it as built
         model.config.posenc = dict(target)
+        model.config.record_posenc()
+        for module in model.modules():
+            if hasattr(module, "_posenc_built"):
+                module._posenc_built = dict(target)
     model.posenc_conversion = report
     logger.info("%s", report)
     return (model, info) if want_info else model

@@ -117,8 +117,9 @@ def test_native_scheme_is_the_stock_model(arch, implementation):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_scheme_changes_the_function(arch):
     """Each scheme computes another function than NoPE; relative ones (alibi, t5_bias, nope, rope) ignore a shift of
-    every position (unless the architecture has a position signal of its own, NATIVE_POSITION_SIGNALS), and those
-    without rotation ignore the position ids altogether (no RoPE left in place); sinusoidal does not."""
+    every position (unless the architecture has a position signal of its own, NATIVE_POSITION_SIGNALS), sinusoidal
+    does not; NoPE ignores the position ids altogether (no RoPE left in place), and the biases measure distances
+    with them (shuffled ids change the output: the ids reach every attention call)."""
     x = tokens()
     positions = torch.arange(T)[None].expand(2, T)
     results = {}
@@ -132,9 +133,12 @@ def test_every_scheme_changes_the_function(arch):
             assert (base - shifted).abs().max() > 1e-2, "sinusoidal must see absolute positions"
         elif arch not in archs.NATIVE_POSITION_SIGNALS:
             torch.testing.assert_close(shifted, base, atol=2e-5, rtol=1e-4)
-            if scheme != "rope":  # no rotation left in place: the position ids do not matter at all
-                shuffled = positions[:, torch.randperm(T, generator=torch.Generator().manual_seed(2))]
+            shuffled = positions[:, torch.randperm(T, generator=torch.Generator().manual_seed(2))]
+            if scheme == "nope":  # no rotation left in place: the position ids do not matter at all
                 torch.testing.assert_close(logits(model, x, position_ids=shuffled), base, atol=2e-5, rtol=1e-4)
+            elif scheme in ("alibi", "t5_bias"):
+                moved = (logits(model, x, position_ids=shuffled) - base).abs().max()
+                assert moved > 1e-3, f"{scheme} on {arch} ignores position_ids"
     for scheme, out in results.items():
         if scheme != "nope":
             assert (out - results["nope"]).abs().max() > 1e-3, f"{scheme} acts like nope on {arch}"

@@ -206,3 +206,73 @@ def test_head_without_auto_class_loads_through_the_generated_stub(tmp_path):
         [sys.executable, "-c", STUB_IMPORT, str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
     )
     assert "SAME True" in done.stdout, done.stderr[-3000:]
+
+
+ISOLATION = textwrap.dedent(
+    """
+    import sys
+    if sys.argv[3] == "hidden":
+        sys.modules["hf_posenc"] = None
+    import torch, transformers
+    first, second = sys.argv[1], sys.argv[2]
+    inputs = torch.load(first + "/inputs.pt")
+    load = lambda folder: transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    def logits(model):
+        with torch.no_grad():
+            return model(**inputs).logits
+    model = load(first)
+    before = logits(model)
+    print("OWN", torch.equal(before, torch.load(first + "/expected.pt")))
+    other = load(second)  # a folder of another release's code: its kernels differ
+    print("OTHER_DIFFERS", not torch.equal(logits(other), before))
+    if sys.argv[3] == "import":
+        import hf_posenc
+        plugin = transformers.AutoModelForCausalLM.from_pretrained(first).eval()
+        print("PLUGIN", torch.equal(logits(plugin), before))
+    print("KEPT", torch.equal(logits(model), before), model.config._attn_implementation)
+    """
+)
+
+# appended to the second folder's kernel file: a release whose SDPA kernel gives other numbers
+OTHER_RELEASE = textwrap.dedent(
+    """
+
+    _released_sdpa = posenc_sdpa_attention
+
+
+    def posenc_sdpa_attention(*args, **kwargs):
+        output, weights = _released_sdpa(*args, **kwargs)
+        return output * 0.5, weights
+
+
+    BIAS_KERNELS["sdpa"] = posenc_sdpa_attention
+    AttentionInterface.register(kernel_name("sdpa"), posenc_sdpa_attention)
+    """
+)
+
+
+@pytest.mark.parametrize("plugin", ["hidden", "import"])
+def test_each_loaded_folder_keeps_its_own_kernels(tmp_path, plugin):
+    """Two folders loaded with trust_remote_code in one process, the second of other code, and hf_posenc imported
+    after them: the first model keeps running its own kernels (every copy registered the same names before, and the
+    last one loaded or imported won)."""
+    torch.manual_seed(0)
+    model = hf_posenc.AutoModelForCausalLM.from_config(test_archs.tiny("llama"), posenc="alibi").eval()
+    inputs = {"input_ids": torch.randint(3, VOCAB, (2, 12))}
+    for name in ("first", "second"):
+        model.save_pretrained(tmp_path / name)
+        torch.save(inputs, tmp_path / name / "inputs.pt")
+    with torch.no_grad():
+        torch.save(model(**inputs).logits, tmp_path / "first" / "expected.pt")
+    with open(tmp_path / "second" / "posenc_attention.py", "a") as kernels:
+        kernels.write(OTHER_RELEASE)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    arguments = [str(tmp_path / "first"), str(tmp_path / "second"), plugin]
+    done = subprocess.run(
+        [sys.executable, "-c", ISOLATION, *arguments], capture_output=True, text=True, env=env, timeout=300
+    )
+    out = done.stdout
+    assert "OWN True" in out and "OTHER_DIFFERS True" in out, out + done.stderr[-3000:]
+    assert "KEPT True posenc_auto." in out, out + done.stderr[-3000:]
+    if plugin == "import":
+        assert "PLUGIN True" in out, out + done.stderr[-3000:]

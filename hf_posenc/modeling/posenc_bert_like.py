@@ -100,6 +100,7 @@ class BertLikeAdapter:
         return default_position_ids(reference.shape[-1], cache, reference.device)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, **kwargs):
+        """Every argument by name: the factory gives the class the stock signature (`keep_stock_signature`)."""
         inputs_embeds, cache = kwargs.get("inputs_embeds"), cache_of(kwargs)
         # The stock defaults slice buffers max_position_embeddings long; the same values computed here are not bound
         # by it (relative schemes, grown tables).

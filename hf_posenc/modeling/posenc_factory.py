@@ -23,7 +23,13 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from .posenc_bert_like import BertAdapter, RobertaAdapter
 from .posenc_gpt2 import GPT2Adapter
-from .posenc_layers import PosencPreTrainedMixin, RotarySlotAdapter, inherit_conversion_mapping, publish
+from .posenc_layers import (
+    PosencPreTrainedMixin,
+    RotarySlotAdapter,
+    inherit_conversion_mapping,
+    keep_stock_signature,
+    publish,
+)
 from .posenc_schemes import PosencConfigMixin, stock_class_of
 from .posenc_version import PLUGIN_VERSION
 
@@ -144,6 +150,7 @@ def posenc_model_classes(config_class: type) -> dict[str, type]:
             classes[head.__name__] = publish(head, __name__)
     for cls in classes.values():
         cls.posenc_base_class = base_class
+        keep_stock_signature(cls)  # the adapter's forward (base model) takes the stock signature
         stock = stock_class_of(cls)
         inherit_conversion_mapping(cls.__name__, stock.__name__)
     inherit_conversion_mapping(config_class.model_type, model_type)

@@ -11,7 +11,7 @@ Sites on GPT-2:
 - score bias: one provider on the base model (`position_bias`), shared by every layer's attention.
 """
 
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, GPT2Model, eager_attention_forward
+from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 
 from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
 from .posenc_layers import (
@@ -94,11 +94,11 @@ class GPT2Adapter:
         provider = score_bias_module(posenc, self.config.n_head)
         attach_score_bias(self, [block.attn for block in self.h], provider)
 
-    def forward(self, input_ids=None, *args, position_ids=None, inputs_embeds=None, **kwargs):
+    def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
+        """Every argument by name: the factory gives the class GPT2Model's signature (`keep_stock_signature`)."""
         if self.rotary_emb is not None:
             length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
             if position_ids is None:
-                named = bind_arguments(GPT2Model.forward, self, input_ids, *args, **kwargs)
-                position_ids = default_position_ids(length, cache_of(named), self.wte.weight.device)
+                position_ids = default_position_ids(length, cache_of(kwargs), self.wte.weight.device)
             kwargs["position_embeddings"] = self.rotary_emb(self.wte.weight, position_ids)
-        return super().forward(input_ids, *args, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)

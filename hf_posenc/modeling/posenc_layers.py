@@ -12,6 +12,7 @@ Shape legend: B batch, H heads, Q query length, K key/value length, D head dim, 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -31,8 +32,22 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import is_torch_flex_attn_available
 from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
-from .posenc_attention import BIAS_KERNELS, STOCK_NAMES, attach_score_bias, score_bias_module
-from .posenc_schemes import get_scheme, head_dim_of, rotary_dim_of, sinusoidal_position_embedding, stock_class_of
+from .posenc_attention import (
+    BIAS_KERNELS,
+    STOCK_NAMES,
+    attach_score_bias,
+    kernel_name,
+    kernel_of,
+    score_bias_module,
+)
+from .posenc_schemes import (
+    STOCK_GUARD,
+    get_scheme,
+    head_dim_of,
+    rotary_dim_of,
+    sinusoidal_position_embedding,
+    stock_class_of,
+)
 
 # --------------------------------------------------------------------------------------------------------------------
 # Input-embedding site
@@ -131,6 +146,22 @@ class PosencRotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    #: the frequency buffers, which stay fp32 through a model's dtype casts (see `_apply`)
+    fp32_buffers = ("inv_freq", "original_inv_freq")
+
+    def _apply(self, fn, recurse=True):
+        """Follow every device move, but keep the frequencies fp32 through dtype casts (`model.to(torch.bfloat16)`,
+        `.half()`, `.double()`): a cast would round them where `from_pretrained(dtype=...)` recomputes them in fp32,
+        so a cast model would not compute what it computes once saved and reloaded. (transformers' own rotary modules
+        round them: a stock Llama cast to bf16 moves by about 2e-3 across a save and reload.)"""
+        before = {name: self._buffers.get(name) for name in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for name, kept in before.items():
+            now = self._buffers.get(name)
+            if kept is not None and now is not None and now.dtype != kept.dtype:
+                self._buffers[name] = kept.to(device=now.device)  # from the unrounded values
+        return self
 
     @staticmethod
     def compute_default_rope_parameters(config, device=None, seq_len=None, **kwargs) -> tuple[torch.Tensor, float]:
@@ -319,6 +350,46 @@ def bind_arguments(function, *args, **kwargs) -> dict:
     return named
 
 
+def keep_stock_signature(cls: type) -> type:
+    """Give `cls.forward` (an adapter's, which takes its arguments by name) the signature of the stock class's forward:
+    the parameters, defaults, order and annotations that `inspect.signature` reports, and the positional order a call
+    is bound by. Tools that pick a model's inputs by its signature (the Trainer's column filter, `generate`,
+    transformers' common tests) then see the stock model's: `inputs_embeds`, the cache, the encoder arguments.
+
+    The adapter's forward gets every argument by keyword. A call with only `self` and keywords (how transformers calls
+    a base model) is passed through untouched, and positional arguments are matched to the stock parameter names
+    without `inspect` at call time (torch.compile traces both). A stock forward with positional-only or variadic
+    positional parameters (none so far) gets its positional arguments passed on as they came."""
+    stock_forward = stock_class_of(cls).forward
+    own = cls.forward
+    if own is stock_forward:
+        return cls
+    signature = inspect.signature(stock_forward)
+    parameters = list(signature.parameters.values())
+    positional = [p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD][1:]  # not self
+    simple = all(p.kind is not p.POSITIONAL_ONLY and p.kind is not p.VAR_POSITIONAL for p in parameters)
+
+    @functools.wraps(stock_forward)
+    def forward(self, *args, **kwargs):
+        if args and simple:
+            if len(args) > len(positional):
+                signature.bind(self, *args, **kwargs)  # raises the stock TypeError (too many positional arguments)
+            for name in positional[: len(args)]:
+                if name in kwargs:
+                    raise TypeError(f"{cls.__name__}.forward() got multiple values for argument {name!r}")
+            args, kwargs = (), {**dict(zip(positional, args)), **kwargs}
+        return own(self, *args, **kwargs)
+
+    # no `__wrapped__`: what unwraps a forward down its `__wrapped__` chain (accelerate's `unwrap_model` of a
+    # mixed-precision model) would reach the stock forward and skip the adapter's; the signature is set instead
+    del forward.__wrapped__
+    forward.__signature__ = signature
+    forward.__qualname__ = f"{cls.__qualname__}.forward"
+    forward.__module__ = cls.__module__
+    cls.forward = forward
+    return cls
+
+
 def rotate_then_cache(module: nn.Module, query, key, value, position_embeddings, cache):
     """RoPE on q and k (B, H, T, D), then the self-attention cache update: the order every rotary model keeps, so the
     cache holds rotated keys. For attention modules of architectures without a rotary step of their own."""
@@ -370,6 +441,11 @@ class PositionFreeRotaryMixin:
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self.posenc_calls += 1
+            # the score bias reads them in every attention call of this forward, also where the model does not hand
+            # its attention the position ids (ModernBERT, Persimmon, ...)
+            provider = getattr(self, "posenc_bias", None)
+            if provider is not None:
+                provider.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = torch.zeros_like(kwargs["position_ids"])
         else:  # forward(x, position_ids, ...): the rotary call convention of every release
@@ -459,6 +535,8 @@ class RotarySlotAdapter:
         attach_score_bias(self, list(self.modules()), provider)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        """Every argument by name: the factory gives the class the stock forward's signature (`keep_stock_signature`),
+        so `inputs_embeds`, the cache and the rest arrive in `kwargs`."""
         embedding = None
         if self.embed_positions is not None:
             inputs_embeds = kwargs.get("inputs_embeds")
@@ -556,10 +634,14 @@ class PosencPreTrainedMixin:
         # A trust_remote_code load imports the shipped config and modeling files into two different packages, so the
         # config's class is not the one the modeling file registered: map the class actually in use.
         transformers.AutoModel.register(type(config), self.posenc_base_class, exist_ok=True)
+        config.check_posenc()  # posenc edited after the config was built was never normalised: refused, named
         super().__init__(config, *args, **kwargs)
+        #: the scheme this model computes, which `save_pretrained` checks config.posenc against
+        self._posenc_built = copy.deepcopy(config.posenc)
         base = self._stock_base_model()
         if not isinstance(base, self.posenc_base_class):
             upgrade(base, self.posenc_base_class)
+            base._posenc_built = self._posenc_built  # upgraded in place: its __init__ did not run
         if not getattr(base, "_posenc_installed", False):  # heads may build their base through AutoModel
             config.check_rope_parameters()
             before = set(base.modules())
@@ -605,13 +687,15 @@ class PosencPreTrainedMixin:
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
         scheme = self.config.posenc["type"]
-        if isinstance(attn_implementation, str) and attn_implementation.startswith("posenc_"):
+        if isinstance(attn_implementation, str) and attn_implementation.startswith(STOCK_GUARD):
+            attn_implementation = None  # config.json's words for stock classes (handed on by a copied config)
+        kernel = kernel_of(attn_implementation)
+        if kernel is not None:
             if get_scheme(scheme).site != "bias":
                 raise ValueError(
                     f"attn_implementation {attn_implementation!r} is for score-bias schemes (alibi, t5_bias); this "
                     f"model's posenc is {scheme!r}: use 'eager', 'sdpa', 'flex_attention' or a flash kernel"
                 )
-            kernel = attn_implementation.removeprefix("posenc_")
             if kernel not in BIAS_KERNELS:
                 raise ValueError(
                     f"unknown attn_implementation {attn_implementation!r}; allowed: "
@@ -635,7 +719,7 @@ class PosencPreTrainedMixin:
             )
         if attn_implementation == "flash_attention_2":
             super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
-        return f"posenc_{kernels[attn_implementation]}"
+        return kernel_name(kernels[attn_implementation])  # this copy's own kernels (see posenc_attention)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """`generate` prepares masks in advance for compileable caches (StaticCache); a bias scheme keeps the 2-D mask
@@ -651,6 +735,9 @@ class PosencPreTrainedMixin:
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        """Refuse a config edited by hand since this model was built (`posenc`, `rope_parameters`): the folder would
+        reload as another model."""
+        self.config.check_posenc(getattr(self, "_posenc_built", None), what="model")
         self.config.check_rope_parameters()
         # the closure goes in first, so that save_pretrained(push_to_hub=True) uploads it too
         if not os.path.isfile(save_directory):  # a file path: let transformers raise its own error

@@ -143,7 +143,17 @@ def ntk_scaled_rope_theta(rope_theta: float, factor: float, rotary_dim: int) -> 
     """
     if rotary_dim < 4:
         raise ValueError(f"NTK scaling needs a rotary width of at least 4, got {rotary_dim}")
-    return float(rope_theta) * float(factor) ** (rotary_dim / (rotary_dim - 2))
+    try:
+        theta = float(rope_theta) * float(factor) ** (rotary_dim / (rotary_dim - 2))
+    except OverflowError:
+        theta = math.inf
+    if not math.isfinite(theta):
+        raise ValueError(
+            f"NTK scaling: the scaled base rope_theta * factor ** (d / (d - 2)) = {rope_theta} * {factor} ** "
+            f"({rotary_dim} / {rotary_dim - 2}) overflows; allowed: a factor and rope_theta whose scaled base is a "
+            "finite number"
+        )
+    return theta
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,8 +204,8 @@ def register_scheme(scheme: Scheme) -> Scheme:
 
 def get_scheme(name: str) -> Scheme:
     """The registered scheme called `name`, or a ValueError listing the registered ones."""
-    if name not in SCHEMES:
-        raise ValueError(f"unknown posenc scheme {name!r}; allowed: {', '.join(sorted(SCHEMES))}")
+    if not isinstance(name, str) or name not in SCHEMES:
+        raise ValueError(f"unknown posenc scheme {name!r}; allowed: {', '.join(sorted(SCHEMES))} (a name, a string)")
     return SCHEMES[name]
 
 
@@ -292,15 +302,50 @@ _simple_scheme(
     {"base": Param(10000.0, _positive, "a number > 0")},
 )
 _simple_scheme("nope", "none", True, "no position signal at all (causal masking alone)", {})
-_simple_scheme(
-    "alibi",
-    "bias",
-    True,
-    "linear distance penalty -m_h*|i-j| on the scores (Press et al.)",
-    {
-        "max_bias": Param(8.0, _positive, "a number > 0"),
-        "slope_multiplier": Param(1.0, _positive, "a number > 0"),
-    },
+
+#: float32 bounds of the ALiBi slopes (the bias is computed in float32 on every path). The weakest head's slope at
+#: distance 1 must change a score of size 1 (1 - m != 1 in float32 needs m >= 2**-24, float32's unit roundoff), or
+#: that head is NoPE at every length; the strongest slope times the farthest distance float32 counts exactly (2**24)
+#: must stay below 1e30, far from float32's overflow at 3.4e38 (an infinite bias gives NaN scores).
+ALIBI_MIN_SLOPE = 2.0**-24
+ALIBI_MAX_BIAS_AT_DISTANCE = 1e30
+ALIBI_MAX_SLOPE_MULTIPLIER = ALIBI_MAX_BIAS_AT_DISTANCE / 2**24  # about 5.96e22; every slope is below the multiplier
+
+
+def _normalize_alibi(params: dict, config: Any) -> dict:
+    out = _check_params(
+        "alibi",
+        params,
+        {
+            "max_bias": Param(8.0, _positive, "a number > 0"),
+            "slope_multiplier": Param(
+                1.0,
+                lambda v: _positive(v) and v <= ALIBI_MAX_SLOPE_MULTIPLIER,
+                f"a number > 0 and at most 1e30 / 2**24 = {ALIBI_MAX_SLOPE_MULTIPLIER:.4g} (every slope is below it, "
+                "and a slope times a distance of up to 2**24 must stay below 1e30 in float32)",
+            ),
+        },
+    )
+    # the smallest slope of every head count is slope_multiplier * 2**-max_bias (see alibi_slopes)
+    if out["max_bias"] > -math.log2(ALIBI_MIN_SLOPE) + math.log2(out["slope_multiplier"]):
+        smallest = out["slope_multiplier"] * 2.0 ** -out["max_bias"]
+        raise ValueError(
+            f"posenc 'alibi': the smallest slope slope_multiplier * 2**-max_bias = {out['slope_multiplier']} * "
+            f"2**-{out['max_bias']} = {smallest:.3g} must be at least 2**-24 = {ALIBI_MIN_SLOPE:.3g} (below it the "
+            "weakest head's bias at distance 1 does not change a score of size 1 in float32: that head is NoPE); "
+            f"allowed: max_bias <= 24 + log2(slope_multiplier) = {24 + math.log2(out['slope_multiplier']):.4g}"
+        )
+    return out
+
+
+register_scheme(
+    Scheme(
+        "alibi",
+        "bias",
+        True,
+        "linear distance penalty -m_h*|i-j| on the scores (Press et al.); slopes between 2**-24 and 1e30 / 2**24",
+        _normalize_alibi,
+    )
 )
 
 
@@ -329,9 +374,32 @@ register_scheme(
 # RoPE: one scheme, every rope_type transformers ships plus static NTK
 # --------------------------------------------------------------------------------------------------------------------
 
-_FACTOR = Param(_REQUIRED, lambda v: _is_number(v) and v >= 1, "a number >= 1")
-_FLOAT_LIST = Param(_REQUIRED, lambda v: isinstance(v, (list, tuple)) and all(map(_is_number, v)), "a list of numbers")
+#: The bound of every RoPE scaling factor: a pair whose frequency a factor divides turns by (frequency / factor)
+#: radian per position, and the fastest pair (frequency 1) would turn by less than 2**-24 radian, which float32 rounds
+#: away (cos 1, sin below the unit roundoff of a unit vector): linear RoPE at a factor of 1e308 is NoPE. A factor
+#: below 2**-24 (longrope's per-pair lists) turns a pair by more than 2**24 radians per position, where float32 angles
+#: keep no digits of the turn (and 0 gives infinite frequencies: NaN).
+ROPE_MAX_FACTOR = 2**24
+_FACTOR_RULE = f"a number >= 1 and at most 2**24 = {ROPE_MAX_FACTOR} (past it float32 rounds the scaled turn away)"
+
+
+def _factor(value: Any) -> bool:
+    return _is_number(value) and 1 <= value <= ROPE_MAX_FACTOR
+
+
+_FACTOR = Param(_REQUIRED, _factor, _FACTOR_RULE)
+_FACTOR_LIST = Param(
+    _REQUIRED,
+    lambda v: isinstance(v, (list, tuple)) and all(_is_number(x) and 2**-24 <= x <= ROPE_MAX_FACTOR for x in v),
+    "a list of numbers in [2**-24, 2**24] (each divides one pair's frequency: outside, float32 rounds the turn away "
+    "or keeps no digits of it; 0 gives NaN)",
+)
 _OPTIONAL_NUMBER = Param(None, lambda v: v is None or _is_number(v), "a number")
+_OPTIONAL_LENGTH = Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1")
+# yarn's correction range takes log(original length / (2 pi beta)): a count of rotations, > 0
+_BETA = Param(None, lambda v: v is None or _positive(v), "a number > 0 (a number of rotations)")
+#: transformers' yarn defaults for beta_fast and beta_slow
+YARN_BETAS = (32, 1)
 
 # Parameters of each rope_type beyond the common rope_theta and partial_rotary_factor. Types that transformers adds
 # later and this table does not know are accepted with transformers' own validation.
@@ -342,31 +410,36 @@ ROPE_TYPE_PARAMS: dict[str, dict[str, Param]] = {
     "dynamic": {"factor": _FACTOR},
     "yarn": {
         "factor": _FACTOR,
-        "original_max_position_embeddings": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+        "original_max_position_embeddings": _OPTIONAL_LENGTH,
         "attention_factor": Param(None, lambda v: v is None or _positive(v), "a number > 0"),
-        "beta_fast": _OPTIONAL_NUMBER,
-        "beta_slow": _OPTIONAL_NUMBER,
+        "beta_fast": _BETA,
+        "beta_slow": _BETA,
         "mscale": _OPTIONAL_NUMBER,
         "mscale_all_dim": _OPTIONAL_NUMBER,
         "truncate": Param(None, lambda v: v is None or isinstance(v, bool), "a bool"),
     },
     "longrope": {
-        "short_factor": _FLOAT_LIST,
-        "long_factor": _FLOAT_LIST,
-        "factor": Param(None, lambda v: v is None or (_is_number(v) and v >= 1), "a number >= 1"),
-        "original_max_position_embeddings": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+        "short_factor": _FACTOR_LIST,
+        "long_factor": _FACTOR_LIST,
+        "factor": Param(None, lambda v: v is None or _factor(v), _FACTOR_RULE),
+        "original_max_position_embeddings": _OPTIONAL_LENGTH,
         "attention_factor": Param(None, lambda v: v is None or _positive(v), "a number > 0"),
     },
     "llama3": {
         "factor": _FACTOR,
         "low_freq_factor": Param(_REQUIRED, _positive, "a number > 0"),
         "high_freq_factor": Param(_REQUIRED, _positive, "a number > 0"),
-        "original_max_position_embeddings": Param(None, lambda v: v is None or _int_at_least(1)(v), "an int >= 1"),
+        "original_max_position_embeddings": _OPTIONAL_LENGTH,
     },
-    "proportional": {"factor": Param(1.0, lambda v: _is_number(v) and v >= 1, "a number >= 1")},
+    "proportional": {"factor": Param(1.0, _factor, _FACTOR_RULE)},
 }
 _ROPE_COMMON = {
-    "rope_theta": Param(10000.0, _positive, "a number > 0"),
+    "rope_theta": Param(
+        10000.0,
+        lambda v: _is_number(v) and v >= 1,
+        "a number >= 1 (the frequencies theta**(-2i/d) then stay at most 1 radian per position; below 1 they grow, "
+        "and a base under float32's smallest number makes them infinite: NaN)",
+    ),
     "partial_rotary_factor": Param(1.0, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
 # rope_types whose transformers init function needs original_max_position_embeddings
@@ -414,6 +487,14 @@ def nested_rope_keys(rope_parameters: Any) -> list[str]:
     return [key for key, value in rope_parameters.items() if isinstance(value, Mapping) or value is None]
 
 
+def _rope_entries(rope_parameters: Any) -> list[dict]:
+    """Every flat RoPE entry of `rope_parameters` (one, or one per layer type that rotates)."""
+    keys = nested_rope_keys(rope_parameters)
+    if not keys:
+        return [dict(rope_parameters)] if rope_parameters else []
+    return [dict(rope_parameters[key]) for key in keys if rope_parameters[key]]
+
+
 def reference_rope_parameters(rope_parameters: Any) -> dict:
     """The flat RoPE settings `posenc` is read against: the dict itself, or the full-attention entry of a per-layer
     one (the first entry that rotates where the full-attention layers do not)."""
@@ -433,9 +514,10 @@ def _normalize_rope(params: dict, config: Any) -> dict:
     if rope_type not in rope_types():
         raise ValueError(f"posenc 'rope': unknown rope_type {rope_type!r}; allowed: {', '.join(rope_types())}")
     # Start from the architecture's own RoPE settings: its theta and partial factor always, and the rest when the
-    # user keeps its rope_type (a Llama-3 checkpoint stays llama3-scaled under posenc="rope").
+    # user keeps its rope_type, named or not (a Llama-3 checkpoint stays llama3-scaled under posenc="rope"; on a yarn
+    # checkpoint {"type": "rope", "factor": 8} and {"type": "rope", "rope_type": "yarn", "factor": 8} are one request).
     base = {k: native[k] for k in _ROPE_COMMON if native.get(k) is not None}
-    keeps_native = native.get("rope_type", "default") == rope_type and "rope_type" not in params
+    keeps_native = native.get("rope_type", "default") == rope_type
     if keeps_native:
         base.update({k: v for k, v in native.items() if k in ROPE_TYPE_PARAMS.get(rope_type, {}) and v is not None})
     merged = {**base, **{k: v for k, v in params.items() if k != "rope_type"}}
@@ -446,7 +528,18 @@ def _normalize_rope(params: dict, config: Any) -> dict:
     else:  # a rope_type newer than this table: transformers validates it when the config is built
         out = {**{k: p.default for k, p in _ROPE_COMMON.items()}, **merged}
     if rope_type in _NEEDS_ORIGINAL_LENGTH:
-        out.setdefault("original_max_position_embeddings", config.max_position_embeddings)
+        # the pretraining length: the checkpoint's own where its RoPE states one (a scaled checkpoint's
+        # max_position_embeddings is already the extended length), else max_position_embeddings, as transformers does
+        original = native.get("original_max_position_embeddings")
+        out.setdefault("original_max_position_embeddings", original or config.max_position_embeddings)
+    if rope_type == "yarn":
+        _check_yarn(out)
+    if rope_type == "llama3" and out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ValueError(
+            f"posenc 'rope' llama3: high_freq_factor must be greater than low_freq_factor (the band between their "
+            f"wavelengths is interpolated), got high_freq_factor={out['high_freq_factor']}, "
+            f"low_freq_factor={out['low_freq_factor']}"
+        )
     rotary_dim = rotary_dim_of(config, out["partial_rotary_factor"])
     if rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(
@@ -463,8 +556,36 @@ def _normalize_rope(params: dict, config: Any) -> dict:
     return {"rope_type": rope_type, **out}
 
 
+def _check_yarn(params: dict) -> None:
+    """Refuse yarn settings transformers' init function would fail on (a math domain error, a division by zero) or
+    turn into a reversed ramp or a non-positive attention factor; transformers' own validation only warns."""
+    beta_fast, beta_slow = (params.get(key) or default for key, default in zip(("beta_fast", "beta_slow"), YARN_BETAS))
+    if beta_fast <= beta_slow:
+        raise ValueError(
+            f"posenc 'rope' yarn: beta_fast must be greater than beta_slow (they bound the ramp between interpolated "
+            f"and kept frequencies; defaults {YARN_BETAS[0]} and {YARN_BETAS[1]}), got beta_fast={beta_fast}, "
+            f"beta_slow={beta_slow}"
+        )
+    factor, mscale, mscale_all_dim = params["factor"], params.get("mscale"), params.get("mscale_all_dim")
+    if params.get("attention_factor") is None and mscale and mscale_all_dim and factor > 1:
+        # transformers' attention factor: (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * ln(factor) + 1)
+        terms = [0.1 * m * math.log(factor) + 1 for m in (mscale, mscale_all_dim)]
+        if min(terms) <= 0:
+            raise ValueError(
+                f"posenc 'rope' yarn: the attention factor (0.1 * mscale * ln(factor) + 1) / (0.1 * mscale_all_dim * "
+                f"ln(factor) + 1) = {terms[0]:.4g} / {terms[1]:.4g} needs both terms > 0, got mscale={mscale}, "
+                f"mscale_all_dim={mscale_all_dim}, factor={factor}"
+            )
+
+
 register_scheme(
-    Scheme("rope", "rotation", True, "rotary embedding of q and k; every transformers rope_type + ntk", _normalize_rope)
+    Scheme(
+        "rope",
+        "rotation",
+        True,
+        "rotary embedding of q and k; every transformers rope_type + ntk; scaling factors in [1, 2**24]",
+        _normalize_rope,
+    )
 )
 
 
@@ -556,6 +677,14 @@ def _own_settings(native, derived: Mapping) -> dict:
     return {key: value for key, value in native.items() if key not in sets}
 
 
+#: keys of a posenc config's `__dict__` recording what it was built with (not serialised, see `to_dict`)
+_BUILT_POSENC, _BUILT_ROPE = "_posenc_as_built", "_rope_parameters_as_built"
+
+#: how config.json's `attn_implementation` begins where a stock class would compute another model than the saved one
+#: (see `PosencConfigMixin.stock_guard`)
+STOCK_GUARD = "hf_posenc guard: "
+
+
 class PosencConfigMixin:
     """Shared by every posenc config: `posenc` is the source of truth, normalised when the config is built.
 
@@ -571,6 +700,8 @@ class PosencConfigMixin:
     """
 
     def __post_init__(self, **kwargs):
+        if str(kwargs.get("attn_implementation") or "").startswith(STOCK_GUARD):
+            kwargs.pop("attn_implementation")  # the guard this config wrote for stock classes, not a user's choice
         super().__post_init__(**kwargs)
         self.posenc = normalize_posenc(self.posenc, self, default=self.native_posenc)
         if self.posenc["type"] == "rope":
@@ -588,10 +719,111 @@ class PosencConfigMixin:
                     f"{stock_class_of(type(self)).__name__}"
                     f" refuses: {error}"
                 ) from error
-        elif self.native_posenc != "rope" and "rope_parameters" in self.__dict__:
-            if "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
-                del self.rope_parameters  # left from an earlier rope scheme on an architecture without native RoPE
+        else:
+            if self.native_posenc != "rope" and "rope_parameters" in self.__dict__:
+                if "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
+                    del self.rope_parameters  # left from an earlier rope scheme on an architecture without native RoPE
+            self._check_identity_rotation()
         self.auto_map = dict(self.auto_map_entries)
+        # what the config was built with, to refuse later hand edits (see check_posenc, check_rope_parameters)
+        self.__dict__[_BUILT_POSENC] = copy.deepcopy(self.posenc)
+        self.__dict__[_BUILT_ROPE] = copy.deepcopy(getattr(self, "rope_parameters", None))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A config read from a file (config.json) must state its scheme: without `posenc` it would load silently as
+        the architecture's native scheme (an ALiBi folder whose `posenc` was deleted loading as RoPE). A config built
+        in code without `posenc` takes the native scheme; only the loaded dict is refused here."""
+        if config_dict.get("posenc") is None:
+            raise ValueError(
+                f"config.json of model_type {cls.model_type!r} has no 'posenc' entry: a saved posenc config states its "
+                f'scheme, which is not guessed. Add "posenc": a scheme name, one of {", ".join(sorted(SCHEMES))}, or '
+                f"a dict with a 'type' key and the scheme's parameters (the architecture's own scheme is "
+                f"{cls.native_posenc!r})"
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        for key in (_BUILT_POSENC, _BUILT_ROPE):  # records of this process, never written
+            out.pop(key, None)
+        guard = self.stock_guard()
+        if guard is not None:
+            out["attn_implementation"] = guard
+        return out
+
+    def stock_guard(self) -> str | None:
+        """What config.json says to a stock class where the stock class would compute another model than this one.
+
+        transformers' configs read `attn_implementation` from config.json, and a model refuses to be built with an
+        unregistered one, quoting it: so `LlamaForCausalLM.from_pretrained(alibi_folder)` fails with this text instead
+        of running ALiBi's weights with RoPE's positions (with only transformers' warning about the model type). A
+        posenc config drops it on loading (`__post_init__`), with the plugin or its shipped code. None where the stock
+        class computes the same model: the native scheme, or RoPE of transformers' own types on a RoPE architecture.
+        The text has no '/' (transformers would take it for a Hub kernel) and no 'flash'."""
+        scheme = self.posenc["type"]
+        if self.posenc == normalize_posenc(self.native_posenc, self):
+            return None
+        if scheme == "rope" and self.native_posenc == "rope":
+            types = [p.get("rope_type") for p in _rope_entries(getattr(self, "rope_parameters", None))]
+            if all(t in ROPE_INIT_FUNCTIONS or t == "default" for t in types) and not any(
+                str(t).startswith(PARTIAL_PREFIX) for t in types
+            ):
+                return None
+        stock = stock_class_of(type(self)).__name__.removesuffix("Config")
+        return (
+            f"{STOCK_GUARD}this checkpoint was saved by hf_posenc with posenc {scheme!r}, which transformers' own "
+            f"{stock} classes do not compute (they would run it with other positions). Load it with: import "
+            "hf_posenc, then the Auto class as usual, e.g. AutoModelForCausalLM.from_pretrained(path); or without "
+            "hf_posenc: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
+        )
+
+    def _check_identity_rotation(self) -> None:
+        """A scheme other than RoPE keeps the architecture's rotary step as an identity rotation (see
+        `PositionFreeRotaryMixin`), which the stock attention still applies: its RoPE settings must still be ones the
+        stock rotary step computes. Raises a ValueError naming the scheme and the setting, where transformers would
+        speak of RoPE or the forward fail on a shape."""
+        native = reference_rope_parameters(getattr(self, "rope_parameters", None))
+        if not native or self.native_posenc != "rope":
+            return
+        scheme, stock = self.posenc["type"], stock_class_of(type(self)).__name__
+        why = (
+            f"{self.base_model_type!r} applies its rotary step under every scheme (an identity rotation for "
+            f"posenc {scheme!r}), so"
+        )
+        width = rotary_head_dim_of(self)
+        if (native.get("partial_rotary_factor") or 1.0) >= 1 and width % 2:
+            raise ValueError(
+                f"posenc {scheme!r} on {self.base_model_type!r}: the head width {width} is odd; {why} it rotates whole "
+                "heads in pairs. Allowed: an even head_dim (or hidden_size / num_attention_heads)"
+            )
+        try:
+            self.validate_rope()
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"posenc {scheme!r} on {self.base_model_type!r}: {why} transformers' {stock} must accept its "
+                f"rope_parameters {self.rope_parameters}, and refuses them: {error}"
+            ) from error
+
+    def check_posenc(self, built: Mapping | None = None, what: str = "config") -> None:
+        """Refuse `posenc` edited by hand after the config was built (or after the model was built with `built`): a
+        model keeps the scheme it was built with, but `save_pretrained` would write the edited one, so the reloaded
+        model would differ from the trained one (and a model built from the edited config would read a spec that was
+        never normalised)."""
+        built = self.__dict__.get(_BUILT_POSENC) if built is None else built
+        if built is None or self.posenc == built:
+            return
+        raise ValueError(
+            f"config.posenc was changed from {dict(built)} to {self.posenc!r} after the {what} was built: a model "
+            "keeps the scheme it was built with, so it would be saved as another one. Build a new model instead: "
+            "AutoModelForCausalLM.from_config(hf_posenc.with_posenc(config, new_posenc)) for a fresh one, or "
+            "AutoModelForCausalLM.from_pretrained(saved_folder, posenc=new_posenc) to convert trained weights"
+        )
+
+    def record_posenc(self) -> None:
+        """Take the current `posenc` as the one this config was built with: for a model converted in place to it (a
+        learned table grown by `from_pretrained(..., posenc=...)`), once its model has checked that it is."""
+        self.__dict__[_BUILT_POSENC] = copy.deepcopy(self.posenc)
 
     @classmethod
     def rotates_part_natively(cls) -> bool:
@@ -633,11 +865,13 @@ class PosencConfigMixin:
     def rope_parameters_to_hand_on(self):
         """The `rope_parameters` a new config of another scheme takes as the architecture's own (`with_posenc`): this
         config's, unless they were derived from a rope spec that transformers cannot state directly (static NTK, a
-        partial rotation given as `proportional`), in which case the spec's own settings, in the same shape."""
+        partial rotation given as `proportional`), in which case the spec's own settings, in the same shape. Read
+        against the posenc the config was built with (`rope_parameters` are its), whatever a hand edit made of it."""
         current = getattr(self, "rope_parameters", None)
-        if self.posenc["type"] != "rope" or self.posenc == normalize_posenc("rope", self):
+        posenc = self.__dict__.get(_BUILT_POSENC) or self.posenc
+        if posenc["type"] != "rope" or posenc == normalize_posenc("rope", self):
             return current
-        flat = {k: v for k, v in self.posenc.items() if k != "type"}
+        flat = {k: v for k, v in posenc.items() if k != "type"}
         if flat["rope_type"] == "ntk":  # not a transformers rope_type: hand on the unscaled base
             flat = {"rope_type": "default", **{k: flat[k] for k in ("rope_theta", "partial_rotary_factor")}}
         layer_types = nested_rope_keys(current)
@@ -646,8 +880,18 @@ class PosencConfigMixin:
         return {lt: {**_own_settings(current[lt], flat), **flat} if current[lt] else current[lt] for lt in layer_types}
 
     def check_rope_parameters(self) -> None:
-        """Refuse `rope_parameters` edited by hand: the model would be built from them but reloaded from `posenc`."""
+        """Refuse `rope_parameters` edited by hand: under RoPE the model would be built from them but reloaded from
+        `posenc`; under any other scheme they only set the identity rotation, so the edit would change nothing."""
+        self.check_posenc()
         if self.posenc["type"] != "rope":
+            built = self.__dict__.get(_BUILT_ROPE)
+            if _BUILT_ROPE in self.__dict__ and getattr(self, "rope_parameters", None) != built:
+                raise ValueError(
+                    f"config.rope_parameters were changed from {built} to {self.rope_parameters} after the config was "
+                    f"built: posenc {self.posenc['type']!r} does not rotate (the rotary step is an identity rotation), "
+                    "so the edit would change nothing. For RoPE settings, build a RoPE config: "
+                    "hf_posenc.with_posenc(config, {'type': 'rope', ...})"
+                )
             return
         expected, current = self.derived_rope_parameters(), self.rope_parameters or {}
         layer_types = nested_rope_keys(expected)
@@ -665,12 +909,12 @@ class PosencConfigMixin:
             )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        self.check_rope_parameters()
+        self.check_rope_parameters()  # and check_posenc
         super().save_pretrained(save_directory, *args, **kwargs)
 
     # transformers allows output_attentions only for the implementation literally named "eager"; bias schemes run
     # their eager kernel as "posenc_eager", which returns the attention weights just the same.
-    _EAGER = (None, "eager", "posenc_eager")
+    _EAGER = (None, "eager", "posenc_eager")  # and a loaded folder's own copy, "posenc_eager.<tag>"
 
     @property
     def output_attentions(self) -> bool:
@@ -684,7 +928,10 @@ class PosencConfigMixin:
         self.validate_output_attentions()
 
     def validate_output_attentions(self) -> None:
-        if self.output_attentions and self._attn_implementation not in self._EAGER:
+        implementation = self._attn_implementation
+        if isinstance(implementation, str) and implementation.startswith("posenc_"):
+            implementation = implementation.split(".")[0]
+        if self.output_attentions and implementation not in self._EAGER:
             raise ValueError(
                 f"output_attentions needs the eager attention implementation, got {self._attn_implementation!r}; "
                 "pass attn_implementation='eager'"
