@@ -115,6 +115,7 @@ def test_alibi_column_trick_static_cache_prefill():
 def test_chunked_blocks_with_padding(spy, monkeypatch, provider):
     """With padding the mask is kept; the bias comes in blocks of rows (here forced small) and matches fp64."""
     monkeypatch.setattr(posenc_attention, "BIAS_BLOCK_BYTES", 2 * 4 * 4 * 300 * 20)  # 20 rows per block
+    monkeypatch.setattr(ScoreBiasMask, "key_padding", lambda self: None)  # ALiBi: not the padded column trick
     padding = torch.ones(2, 1, 300, 300, dtype=torch.bool)
     padding[0, :, :, 270:] = False  # right padding: every row keeps some key, so every output and gradient counts
     causal_mask = torch.ones(300, 300, dtype=torch.bool).tril()
@@ -124,6 +125,31 @@ def test_chunked_blocks_with_padding(spy, monkeypatch, provider):
     for grad, expected_grad in zip(grads, expected_grads):
         assert_close(grad, expected_grad, 1e-4)
     assert max(rows for rows, _ in spy) == 20 and len(spy) == 15
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_alibi_column_trick_with_padding(spy, side):
+    """Causal ALiBi in fp32 whose mask is padding and nothing else runs the column trick with a second column that
+    masks the padding keys: no bias tensor at all, exact against fp64 (forward and backward); a window or any other
+    mask still runs chunked."""
+    keep = torch.ones(2, 300, dtype=torch.bool)
+    keep[0, :30] = False if side == "left" else True
+    keep[1, 270:] = False if side == "right" else True
+    if side == "left":
+        keep[1, :5] = False
+    causal_mask = torch.ones(300, 300, dtype=torch.bool).tril()
+    mask = (causal_mask[None] & keep[:, None, :])[:, None]
+    masks = ScoreBiasMask(mask, True, torch.arange(300), torch.arange(300))
+    assert torch.equal(masks.key_padding(), keep)
+    out, expected, grads, expected_grads = run(AlibiBias(4, max_bias=4.0), masks, kv_heads=2, spy=spy)
+    rows = keep[:, :, None] if side == "right" else torch.ones(2, 300, 1, dtype=torch.bool)
+    if side == "left":  # padding queries see only padding keys: their outputs are not compared (no path agrees)
+        rows = keep[:, :, None]
+    compared = rows[..., None].expand_as(out)
+    assert_close(torch.where(compared, out, 0), torch.where(compared, expected, 0), 1e-5)
+    assert spy == []
+    windowed = mask & (torch.arange(300)[:, None] - torch.arange(300)[None] < 50)
+    assert ScoreBiasMask(windowed, True, torch.arange(300), torch.arange(300)).key_padding() is None
 
 
 def test_bidirectional_without_mask(spy):
@@ -143,9 +169,11 @@ def test_bf16_keeps_an_fp32_bias():
 
 
 def test_long_sequences_never_build_a_full_bias(spy):
-    """At 4096 tokens with padding, the largest bias block requested is a fraction of (Q, K)."""
-    padding = torch.ones(1, 1, 4096, 4096, dtype=torch.bool).tril()
-    masks = ScoreBiasMask(padding, True, torch.arange(4096), torch.arange(4096))
+    """At 4096 tokens with a mask (here a window, which the padded column trick does not take), the largest bias
+    block requested is a fraction of (Q, K)."""
+    positions = torch.arange(4096)
+    windowed = (positions[:, None] >= positions[None]) & (positions[:, None] - positions[None] < 1024)
+    masks = ScoreBiasMask(windowed[None, None], True, positions, positions)
     query = torch.randn(1, 4, 4096, 16)
     with torch.no_grad():
         posenc_sdpa_attention(Attention(AlibiBias(4)), query, query, query, masks, scaling=0.25)

@@ -132,3 +132,35 @@ def test_packed_training_equals_each_alone(scheme):
         grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kwargs", [{"attention_mask": True}, {"use_cache": True}], ids=["mask", "cache"])
+def test_position_ids_that_fall_leave_the_column_trick(kwargs):
+    """Restarting or reversed position ids without transformers' packed mask (an attention mask given, or a cache
+    made): the ALiBi column trick, exact only for rising positions, is not taken; posenc_sdpa equals the reference."""
+    x = tokens(1, 12)
+    extra = {"attention_mask": torch.ones_like(x)} if "attention_mask" in kwargs else kwargs
+    for ids in (torch.cat([torch.arange(6), torch.arange(6)])[None], torch.arange(12).flip(0)[None]):
+        results = [
+            logits(build("llama", "alibi", attn_implementation=path), x, position_ids=ids, **extra)
+            for path in ("posenc_sdpa", "posenc_eager")
+        ]
+        torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=1e-5)
+
+
+def test_compiled_forwards_read_their_own_position_ids():
+    """On an architecture that does not hand its attention the position ids (ModernBERT), a compiled forward reads
+    those of its own call, not the last eager call's."""
+    import test_archs
+
+    torch._dynamo.reset()
+    model = test_archs.build("modernbert", "alibi")
+    x = tokens(1, 16)
+    gap = gapped(16, 8, 50)
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        expected = [model(x, position_ids=gap).logits, model(x).logits]
+        got = [compiled(x, position_ids=gap).logits, compiled(x).logits]
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+    assert (expected[0] - expected[1]).abs().max() > 1e-2

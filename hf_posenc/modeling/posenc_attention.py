@@ -173,6 +173,25 @@ class ScoreBiasMask:
     q_ids: torch.Tensor | None = None
     kv_ids: torch.Tensor | None = None
 
+    def key_padding(self) -> torch.Tensor | None:
+        """(B, K) True at the keys every query may see, where the mask is exactly causal attention over those keys
+        (padding, nothing else: no window, no packing); None otherwise. Computed once per mask (shared by layers)."""
+        if "_keep" not in self.__dict__:
+            keep = None
+            mask = self.mask
+            if mask is not None and self.causal and mask.shape[-1] == mask.shape[-2] == len(self.q_positions):
+                keep = mask[:, 0, -1, :]  # the last query reaches every earlier key that is not padding
+                causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+                if not torch.equal(mask[:, 0], causal[None] & keep[:, None, :]):
+                    keep = None
+            self.__dict__["_keep"] = keep
+        return self.__dict__["_keep"]
+
+    def positions_rise(self) -> bool:
+        """Whether each row's key positions never decrease (so `|q - k|` is `q - k` wherever causal attention
+        reaches): true of the cache coordinates; what the ALiBi column trick needs."""
+        return self.kv_ids is None or bool((self.kv_ids.diff(dim=-1) >= 0).all())
+
     def bias_positions(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """The positions the bias of query rows `rows` measures distances with: (rows,) and (K,), or (B, rows) and
         (B, K) where the rows have positions of their own."""
@@ -372,10 +391,12 @@ BIAS_BLOCK_BYTES = 64 * 2**20
 COLUMN_BLOCK_BYTES = 40 * 2**20
 
 
-def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, scaling, dropout):
+def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, scaling, dropout, keep=None):
     """Causal ALiBi on plain causal SDPA, no mask and no (Q, K) tensor: -m(i-j) equals m*j up to a per-row constant,
     which softmax ignores, so one extra head-dim column (m_h in q, j/scale in k, 0 in v) adds it exactly. The key
-    column does not depend on the head, so grouped keys stay grouped.
+    column does not depend on the head, so grouped keys stay grouped. `keep` (B, K), for padding: a second column
+    (1 in q, -1e9/scale in k at padding keys, 0 elsewhere) masks the padding keys exactly (their weight underflows to
+    0), still without a mask tensor.
 
     In inference the extended copies exist for one group of heads at a time (at most `COLUMN_BLOCK_BYTES`, at least
     one key head), and each group's output goes straight into the (B, Q, H, D) result. Exact up to the fp32 rounding
@@ -389,7 +410,8 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
         key, value, kv_positions = key[:, :, :q_length], value[:, :, :q_length], kv_positions[..., :q_length]
     value_dim = value.shape[-1]  # multi-head latent attention has values narrower than queries and keys
     # one width for q, k and v (the fused kernels need it), a multiple of 8 (they need that too)
-    width = max(head_dim + 1, value_dim) + (-max(head_dim + 1, value_dim) % 8)
+    columns = 1 if keep is None else 2
+    width = max(head_dim + columns, value_dim) + (-max(head_dim + columns, value_dim) % 8)
     # positions counted from the middle key halve the column's magnitude (its fp32 rounding is the trick's only
     # error); a per-row shift changes nothing after softmax
     middle = kv_positions[..., kv_positions.shape[-1] // 2, None]
@@ -421,6 +443,11 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
         extended_q[..., head_dim] = slopes[q_rows, None]
         extended_k[..., :head_dim] = k
         extended_k[..., head_dim] = column
+        if keep is not None:
+            if keep.shape[-1] > q_length:  # StaticCache prefill: as the keys above
+                keep = keep[:, :q_length]
+            extended_q[..., head_dim + 1] = 1.0
+            extended_k[..., head_dim + 1] = ((~keep).to(torch.float32) * (-1e9 / scaling)).to(key.dtype)[:, None]
         extended_v[..., :value_dim] = v
         result = blockwise(attention, extended_q, extended_k, extended_v)
         output[:, :, q_rows] = result[..., :value_dim].transpose(1, 2)
@@ -502,9 +529,14 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     # the column trick needs SDPA's is_causal alignment: queries and keys both start at the first position (a
     # prefill; keys past the queries are unfilled StaticCache slots). A decode step (one query) is faster chunked
     # anyway: one (H, K) bias row instead of extended copies of the whole cache.
-    column_trick_exact = isinstance(provider, AlibiBias) and masks.mask is None and masks.causal and not extras
-    if column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1 and _query_meets_key(masks, 0):
-        return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout)
+    column_trick_exact = isinstance(provider, AlibiBias) and masks.causal and not extras
+    column_trick_exact = column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1
+    if column_trick_exact and not torch.compiler.is_compiling() and masks.positions_rise():
+        if masks.mask is None and _query_meets_key(masks, 0):
+            return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout)
+        keep = masks.key_padding() if masks.mask is not None and _query_meets_key(masks, 0) else None
+        if keep is not None:  # padding and nothing else: a second column masks the padding keys
+            return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout, keep)
     return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout, extras)
 
 

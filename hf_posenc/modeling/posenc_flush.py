@@ -138,7 +138,8 @@ class _RNGState:
 class _Block(torch.autograd.Function):
     """`function(*tensors)` as one autograd node: computed with denormals flushed, and differentiated (also with
     denormals flushed) either by recomputing it from its inputs (`recompute`: nothing else is kept) or through the
-    graph of its forward, kept inside the node."""
+    graph of its forward, kept among the node's saved tensors. The recomputation runs under the autocast state of the
+    forward."""
 
     @staticmethod
     def forward(ctx, function, recompute, random, *tensors):
@@ -146,6 +147,13 @@ class _Block(torch.autograd.Function):
         device = tensors[0].device
         if recompute:
             ctx.rng = _RNGState(device) if random else None
+            kind = device.type
+            ctx.autocast = dict(
+                device_type=kind,
+                enabled=torch.is_autocast_enabled(kind),
+                dtype=torch.get_autocast_dtype(kind),
+                cache_enabled=torch.is_autocast_cache_enabled(),
+            )
             ctx.save_for_backward(*tensors)
             with denormal_flush.on(device):
                 return function(*tensors)
@@ -153,7 +161,9 @@ class _Block(torch.autograd.Function):
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
             with denormal_flush.on(device):
                 output = function(*leaves)
-        ctx.graph = (output, leaves)
+        # saved as this node's own tensors (the inner output keeps its graph): autograd frees them with the node's
+        # other saved tensors after a backward, and gradient checkpointing's hooks see them
+        ctx.save_for_backward(output, *leaves)
         return output.detach()
 
     @staticmethod
@@ -163,12 +173,13 @@ class _Block(torch.autograd.Function):
             tensors = ctx.saved_tensors
             leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, ctx.needs_input_grad[3:])]
             random = ctx.rng.restored() if ctx.rng is not None else contextlib.nullcontext()
-            with random, torch.enable_grad(), denormal_flush.on(tensors[0].device):
+            autocast = torch.autocast(**ctx.autocast)  # the forward's: the same function is differentiated
+            with random, autocast, torch.enable_grad(), denormal_flush.on(tensors[0].device):
                 output = ctx.function(*leaves)
             retain = False
         else:
-            output, leaves = ctx.graph
-            retain = True  # the graph lives as long as this node: a backward with retain_graph=True may come again
+            output, *leaves = ctx.saved_tensors
+            retain = True  # freed with this node's saved tensors: a backward with retain_graph=True may come again
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         with denormal_flush.on(grad_output.device):
             grads = iter(torch.autograd.grad(output, wanted, grad_output, retain_graph=retain, allow_unused=True))

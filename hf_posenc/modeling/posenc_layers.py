@@ -441,11 +441,11 @@ class PositionFreeRotaryMixin:
     def forward(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
             self.posenc_calls += 1
-            # the score bias reads them in every attention call of this forward, also where the model does not hand
-            # its attention the position ids (ModernBERT, Persimmon, ...)
-            provider = getattr(self, "posenc_bias", None)
-            if provider is not None:
-                provider.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        # the score bias reads them in every attention call of this forward, also where the model does not hand its
+        # attention the position ids (ModernBERT, Persimmon, ...); set in compiled forwards too, or they would go stale
+        provider = getattr(self, "posenc_bias", None)
+        if provider is not None:
+            provider.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = torch.zeros_like(kwargs["position_ids"])
         else:  # forward(x, position_ids, ...): the rotary call convention of every release

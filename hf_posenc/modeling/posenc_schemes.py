@@ -711,14 +711,8 @@ class PosencConfigMixin:
             extras = set(reference) - known
             if extras:  # the architecture's own settings (see _normalize_rope), unknown to the type's validation
                 self.ignore_keys_at_rope_validation = {*(self.ignore_keys_at_rope_validation or ()), *extras}
-            try:
-                self.validate_rope()
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(
-                    f"posenc {self.posenc} gives rope_parameters that transformers' "
-                    f"{stock_class_of(type(self)).__name__}"
-                    f" refuses: {error}"
-                ) from error
+            stock = stock_class_of(type(self)).__name__
+            self._validate_rope_saying(f"posenc {self.posenc} gives rope_parameters that transformers' {stock} refuses")
         else:
             if self.native_posenc != "rope" and "rope_parameters" in self.__dict__:
                 if "rope_parameters" not in {f.name for f in dataclasses.fields(self)}:
@@ -797,13 +791,17 @@ class PosencConfigMixin:
                 f"posenc {scheme!r} on {self.base_model_type!r}: the head width {width} is odd; {why} it rotates whole "
                 "heads in pairs. Allowed: an even head_dim (or hidden_size / num_attention_heads)"
             )
+        self._validate_rope_saying(
+            f"posenc {scheme!r} on {self.base_model_type!r}: {why} transformers' {stock} must accept its "
+            f"rope_parameters {self.rope_parameters}, and refuses them"
+        )
+
+    def _validate_rope_saying(self, message: str) -> None:
+        """transformers' validation of `rope_parameters`, a refusal re-raised as a ValueError `message: why`."""
         try:
             self.validate_rope()
         except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(
-                f"posenc {scheme!r} on {self.base_model_type!r}: {why} transformers' {stock} must accept its "
-                f"rope_parameters {self.rope_parameters}, and refuses them: {error}"
-            ) from error
+            raise ValueError(f"{message}: {error}") from error
 
     def check_posenc(self, built: Mapping | None = None, what: str = "config") -> None:
         """Refuse `posenc` edited by hand after the config was built (or after the model was built with `built`): a
