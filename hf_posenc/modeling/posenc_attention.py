@@ -492,10 +492,25 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     names, weights = zip(*provider.named_parameters()) if any(True for _ in provider.parameters()) else ((), ())
     sinks = () if extras.sinks is None else (extras.sinks,)
 
-    def block(rows, rows_query, key, value, *tensors):
-        arguments = (*masks.bias_positions(rows), heads, extras.causal)
+    def bias_of(rows, *tensors):
+        """(1 or B, H, rows, K) fp32 bias of query rows `rows`, from the provider's parameters `tensors`."""
+        q_positions, kv_positions = masks.bias_positions(rows)
+        # a learned table (T5): the block's bias by distance (rows + K - 1 of them), then gathered (its buckets cost
+        # more than the gather); traced code takes the direct way (no host-side lengths)
+        if q_positions.dim() == 1 and tensors and not torch.compiler.is_compiling():
+            first = int(kv_positions[0] - q_positions[-1])
+            distances = torch.arange(first, int(kv_positions[-1] - q_positions[0]) + 1, device=q_positions.device)
+            origin = distances.new_zeros(1)
+            table = torch.func.functional_call(
+                provider, dict(zip(names, tensors)), (origin, distances, heads, extras.causal)
+            )[:, 0]  # (H, distances)
+            return table[:, kv_positions[None, :] - q_positions[:, None] - first][None]
+        arguments = (q_positions, kv_positions, heads, extras.causal)
         bias = torch.func.functional_call(provider, dict(zip(names, tensors)), arguments)
-        bias = bias if bias.dim() == 4 else bias[None]  # (1 or B, H, c, K) fp32
+        return bias if bias.dim() == 4 else bias[None]
+
+    def block(rows, rows_query, key, value, *tensors):
+        bias = bias_of(rows, *tensors[: len(names)])  # (1 or B, H, c, K) fp32
         allowed = masks.block(rows)
         rows_query, key, value = rows_query.to(compute), key.to(compute), value.to(compute)
         if extras:
@@ -511,13 +526,85 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
         )
         return output.to(query.dtype)
 
+    # plain scores (no soft-capping, sinks, dropout or autocast) take the hand-written backward of `_BiasBlock`
+    plain = not extras and not dropout and not torch.is_autocast_enabled(query.device.type)
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, *weights))
     outputs = []
     for start in range(0, q_length, chunk):
         rows = slice(start, start + chunk)
+        if plain and training and not torch.compiler.is_compiling():
+            bias = functools.partial(bias_of, rows)
+            allowed = functools.partial(masks.block, rows)  # made again in the backward: no (rows, K) tensor is kept
+            outputs.append(_BiasBlock.apply(bias, allowed, scaling, query[:, :, rows], key, value, *weights))
+            continue
         function = functools.partial(block, rows)
         tensors = (query[:, :, rows], key, value, *weights, *sinks)
         outputs.append(blockwise(function, *tensors, recompute=True, random=dropout > 0))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+class _BiasBlock(torch.autograd.Function):
+    """One block of query rows of SDPA with a bias, in training: SDPA's fused forward (denormals flushed), and a
+    backward written out that recomputes only the scores, from the inputs and the output kept (O(rows + K) memory):
+    P = softmax(q k^T s + bias), dV = P^T dO, dS = P (dO V^T - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s, and the
+    bias's parameters (T5's table) get dS through the bias function. One matrix product more than autograd's math
+    kernel, which keeps the (rows, K) weights of every block instead."""
+
+    @staticmethod
+    def forward(ctx, bias_of, allowed_of, scaling, query, key, value, *weights):
+        compute = torch.float32
+        with denormal_flush.on(query.device):
+            bias = bias_of(*weights)
+            allowed = allowed_of()
+            if allowed is not None:
+                bias = bias.masked_fill(~allowed, torch.finfo(compute).min)
+            q, k, v = query.to(compute), key.to(compute), value.to(compute)
+            output = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scaling)
+        ctx.bias_of, ctx.allowed_of, ctx.scaling = bias_of, allowed_of, scaling
+        ctx.save_for_backward(query, key, value, output, *weights)
+        return output.to(query.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        query, key, value, output, *weights = ctx.saved_tensors
+        compute, scaling = torch.float32, ctx.scaling
+        needs = ctx.needs_input_grad[6:]
+        with denormal_flush.on(query.device):
+            leaves = [w.detach().requires_grad_(need) for w, need in zip(weights, needs)]
+            with torch.enable_grad():
+                bias = ctx.bias_of(*leaves)
+            q, k, v = query.to(compute), key.to(compute), value.to(compute)
+            scores = torch.matmul(q, k.transpose(-1, -2)) * scaling + bias.detach()
+            allowed = ctx.allowed_of()
+            if allowed is not None:
+                scores = scores.masked_fill(~allowed, torch.finfo(compute).min)
+            weights_p = torch.softmax(scores, dim=-1)
+            del scores
+            grad = grad_output.to(compute)
+            grad_value = torch.matmul(weights_p.transpose(-1, -2), grad)
+            grad_scores = torch.matmul(grad, v.transpose(-1, -2))
+            grad_scores -= (grad * output).sum(-1, keepdim=True)
+            grad_scores *= weights_p
+            del weights_p
+            grad_query = torch.matmul(grad_scores, k) * scaling
+            grad_key = torch.matmul(grad_scores.transpose(-1, -2), q) * scaling
+            grad_weights = [None] * len(leaves)
+            wanted = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+            if wanted:
+                grad_bias = grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores
+                found = torch.autograd.grad(bias, [leaves[i] for i in wanted], grad_bias, allow_unused=True)
+                for i, g in zip(wanted, found):
+                    grad_weights[i] = g
+        return (
+            None,
+            None,
+            None,
+            grad_query.to(query.dtype),
+            grad_key.to(key.dtype),
+            grad_value.to(value.dtype),
+            *grad_weights,
+        )
 
 
 def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
