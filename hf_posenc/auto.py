@@ -16,9 +16,9 @@ from transformers import AutoConfig, PreTrainedConfig
 from . import archs
 from .convert import load_converted
 from .modeling import posenc_factory
-from .modeling.posenc_attention import STOCK_NAMES, kernel_of
+from .modeling.posenc_attention import STOCK_NAMES
 from .modeling.posenc_factory import auto_model_classes, posenc_config_class, posenc_model_classes
-from .modeling.posenc_schemes import PosencConfigMixin
+from .modeling.posenc_schemes import PosencConfigMixin, kernel_of
 
 logger = logging.getLogger(__name__)
 

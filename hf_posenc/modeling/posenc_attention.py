@@ -29,7 +29,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
-from .posenc_flush import DenormalFlush, blockwise, denormal_flush  # noqa: F401 (the flush's home for callers)
+from .posenc_flush import blockwise, denormal_flush
 from .posenc_schemes import alibi_slopes, get_scheme, t5_relative_position_bucket
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,6 +210,15 @@ class ScoreBiasMask:
         cache slot shifted as the row's first query is (what `generate`'s pad-aware position ids give)."""
         if position_ids is None:
             return self
+        cached = self.__dict__.get("_with_ids")
+        if cached is not None and cached[0] is position_ids:  # the forward's other layers, posenc_auto's kernel
+            return cached[1]
+        applied = self._apply_position_ids(position_ids)
+        if not torch.compiler.is_compiling():
+            self.__dict__["_with_ids"] = (position_ids, applied)
+        return applied
+
+    def _apply_position_ids(self, position_ids: torch.Tensor) -> ScoreBiasMask:
         if position_ids.dim() == 3:  # multimodal RoPE (temporal, height, width): text tokens carry equal components
             position_ids = position_ids[0]
         q_length = len(self.q_positions)
@@ -401,7 +410,7 @@ def _alibi_column_attention(query, key, value, provider, masks: ScoreBiasMask, s
     In inference the extended copies exist for one group of heads at a time (at most `COLUMN_BLOCK_BYTES`, at least
     one key head), and each group's output goes straight into the (B, Q, H, D) result. Exact up to the fp32 rounding
     of the column (which reaches m*K/2: relative error ~1e-4 at 8k tokens for slope 1/2), so posenc_sdpa uses it for
-    fp32 inputs without padding only.
+    fp32 inputs only.
     """
     batch, heads, q_length, head_dim = query.shape
     kv_heads = key.shape[1]
@@ -609,8 +618,8 @@ class _BiasBlock(torch.autograd.Function):
 
 def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Score-bias attention on SDPA without a (Q, K) bias: the ALiBi column trick where it is exact and fastest
-    (causal, fp32, no padding, more than one query, no score extras), query-chunked blocks everywhere else (see
-    `hf-posenc bench`)."""
+    (causal, fp32, a prefill of more than one query, positions that never fall, no score extras, a mask of padding
+    only or none), query-chunked blocks everywhere else (see `hf-posenc bench`)."""
     provider, extras, masks = _call(module, attention_mask, kwargs)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     # the column trick needs SDPA's is_causal alignment: queries and keys both start at the first position (a
@@ -618,11 +627,9 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     # anyway: one (H, K) bias row instead of extended copies of the whole cache.
     column_trick_exact = isinstance(provider, AlibiBias) and masks.causal and not extras
     column_trick_exact = column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1
-    if column_trick_exact and not torch.compiler.is_compiling() and masks.positions_rise():
-        if masks.mask is None and _query_meets_key(masks, 0):
-            return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout)
-        keep = masks.key_padding() if masks.mask is not None and _query_meets_key(masks, 0) else None
-        if keep is not None:  # padding and nothing else: a second column masks the padding keys
+    if column_trick_exact and _query_meets_key(masks, 0) and masks.positions_rise():  # False while compiling
+        keep = None if masks.mask is None else masks.key_padding()  # padding only: a second column masks it
+        if masks.mask is None or keep is not None:
             return _alibi_column_attention(query, key, value, provider, masks, scaling, dropout, keep)
     return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout, extras)
 
@@ -826,14 +833,6 @@ KERNEL_SUFFIX = "" if __name__.startswith("hf_posenc.") else "." + hashlib.sha1(
 def kernel_name(kernel: str) -> str:
     """The attn_implementation name of this copy's `kernel` ('sdpa' -> 'posenc_sdpa' or 'posenc_sdpa.<tag>')."""
     return f"posenc_{kernel}{KERNEL_SUFFIX}"
-
-
-def kernel_of(name) -> str | None:
-    """The posenc kernel an attn_implementation names, in any copy's spelling ('posenc_sdpa.<tag>' -> 'sdpa'), or None
-    for a name that is not a posenc kernel's."""
-    if isinstance(name, str) and name.startswith("posenc_"):
-        return name.removeprefix("posenc_").split(".")[0]
-    return None
 
 
 BIAS_KERNELS = {

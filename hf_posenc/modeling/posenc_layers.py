@@ -37,13 +37,13 @@ from .posenc_attention import (
     STOCK_NAMES,
     attach_score_bias,
     kernel_name,
-    kernel_of,
     score_bias_module,
 )
 from .posenc_schemes import (
     STOCK_GUARD,
     get_scheme,
     head_dim_of,
+    kernel_of,
     rotary_dim_of,
     sinusoidal_position_embedding,
     stock_class_of,

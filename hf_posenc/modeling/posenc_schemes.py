@@ -680,6 +680,16 @@ def _own_settings(native, derived: Mapping) -> dict:
 #: keys of a posenc config's `__dict__` recording what it was built with (not serialised, see `to_dict`)
 _BUILT_POSENC, _BUILT_ROPE = "_posenc_as_built", "_rope_parameters_as_built"
 
+
+def kernel_of(name) -> str | None:
+    """The posenc kernel an attn_implementation names, in any loaded copy's spelling ('posenc_sdpa' or
+    'posenc_sdpa.<tag>' -> 'sdpa'; see posenc_attention.kernel_name), or None for a name that is not a posenc
+    kernel's."""
+    if isinstance(name, str) and name.startswith("posenc_"):
+        return name.removeprefix("posenc_").split(".")[0]
+    return None
+
+
 #: how config.json's `attn_implementation` begins where a stock class would compute another model than the saved one
 #: (see `PosencConfigMixin.stock_guard`)
 STOCK_GUARD = "hf_posenc guard: "
@@ -911,8 +921,8 @@ class PosencConfigMixin:
         super().save_pretrained(save_directory, *args, **kwargs)
 
     # transformers allows output_attentions only for the implementation literally named "eager"; bias schemes run
-    # their eager kernel as "posenc_eager", which returns the attention weights just the same.
-    _EAGER = (None, "eager", "posenc_eager")  # and a loaded folder's own copy, "posenc_eager.<tag>"
+    # their eager kernel as "posenc_eager" (or a loaded folder's copy of it), which returns the weights just the same.
+    _EAGER = (None, "eager")
 
     @property
     def output_attentions(self) -> bool:
@@ -927,9 +937,8 @@ class PosencConfigMixin:
 
     def validate_output_attentions(self) -> None:
         implementation = self._attn_implementation
-        if isinstance(implementation, str) and implementation.startswith("posenc_"):
-            implementation = implementation.split(".")[0]
-        if self.output_attentions and implementation not in self._EAGER:
+        eager = implementation in self._EAGER or kernel_of(implementation) == "eager"
+        if self.output_attentions and not eager:
             raise ValueError(
                 f"output_attentions needs the eager attention implementation, got {self._attn_implementation!r}; "
                 "pass attn_implementation='eager'"
