@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hf_posenc
-from hf_posenc.modeling.posenc_attention import AlibiBias, T5RelativeBias
+from hf_posenc.modeling.posenc_attention import BIAS_PROVIDERS
 
 VOCAB = 96
 
@@ -58,6 +58,11 @@ DECODERS = [arch for arch in ARCHS if arch not in ENCODERS]
 # verified architecture gets the smoke contract of tests/test_archs.py
 assert set(ARCHS) <= set(hf_posenc.ARCHITECTURES)
 
+
+def _type(spec) -> str:
+    return spec if isinstance(spec, str) else spec["type"]
+
+
 # One case per scheme and per RoPE variant; the ids name them in test reports.
 SCHEME_CASES = {
     "learned": "learned",
@@ -78,12 +83,23 @@ SCHEME_CASES = {
         "original_max_position_embeddings": 32,  # above every test length: longrope switches factors past it
     },
     "rope_partial": {"type": "rope", "partial_rotary_factor": 0.5},
+    # p-RoPE (Barbero et al. 2025): the highest half of the frequencies rotate, the rest have frequency 0
+    "rope_p": {"type": "rope", "rope_type": "proportional", "partial_rotary_factor": 0.5},
     "alibi": "alibi",
     "alibi_scaled": {"type": "alibi", "max_bias": 4.0, "slope_multiplier": 0.5},
     "t5_bias": {"type": "t5_bias", "num_buckets": 16, "max_distance": 32},
+    "kerple": "kerple",
+    "kerple_power": {"type": "kerple", "variant": "power"},
+    "sandwich": {"type": "sandwich", "dim": 16},
+    # a threshold below the test lengths: the query's own position matters (FIRE's progressive interpolation)
+    "fire": {"type": "fire", "hidden": 8, "init_threshold": 4},
+    "fire_shared": {"type": "fire", "shared": True, "hidden": 8, "init_threshold": 4},
 }
-ABSOLUTE = {"learned", "sinusoidal"}
-assert {c if isinstance(c, str) else c["type"] for c in SCHEME_CASES.values()} == set(hf_posenc.SCHEMES)
+#: the cases whose logits move when every position moves by k: the absolute schemes, and FIRE (its bias depends on
+#: the query's own position past its threshold)
+ABSOLUTE = {case for case, spec in SCHEME_CASES.items() if not hf_posenc.SCHEMES[_type(spec)].relative}
+assert {_type(c) for c in SCHEME_CASES.values()} == set(hf_posenc.SCHEMES)
+assert {"learned", "sinusoidal", "fire", "fire_shared"} == ABSOLUTE
 
 
 def tiny_config(arch: str, **overrides):
@@ -112,6 +128,8 @@ def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None
         for name, param in model.named_parameters():
             if "relative_attention_bias" in name or "wpe" in name or "embed_positions" in name:
                 param.normal_(0.0, 1.0)
+            elif "position_bias" in name and param.dim() > 0:  # KERPLE's and FIRE's per-head and MLP parameters
+                param.uniform_(0.5, 2.0)  # (positive: KERPLE's are clamped at 0.01; FIRE's c and threshold kept)
     return model.eval()
 
 
@@ -139,7 +157,7 @@ def case(request):
 def spy(monkeypatch):
     """Records the (rows, keys) size of every bias block the score-bias providers are asked for."""
     sizes = []
-    for cls in (AlibiBias, T5RelativeBias):
+    for cls in BIAS_PROVIDERS.values():
         original = cls.forward
 
         def recording(self, q_positions, kv_positions, *args, _original=original):

@@ -78,7 +78,8 @@ def build(arch: str, posenc=None, **kwargs):
     missing = model.load_state_dict(stock_state(arch), strict=False).missing_keys
     with torch.no_grad():
         for name in missing:
-            model.get_parameter(name).normal_(0.0, 1.0)
+            if model.get_parameter(name).dim() > 0:  # FIRE's scalars (c, its threshold) keep the paper's start
+                model.get_parameter(name).normal_(0.0, 1.0)
     return model.eval()
 
 
@@ -116,14 +117,15 @@ def test_native_scheme_is_the_stock_model(arch, implementation):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_scheme_changes_the_function(arch):
-    """Each scheme computes another function than NoPE; relative ones (alibi, t5_bias, nope, rope) ignore a shift of
-    every position (unless the architecture has a position signal of its own, NATIVE_POSITION_SIGNALS), sinusoidal
-    does not; NoPE ignores the position ids altogether (no RoPE left in place), and the biases measure distances
-    with them (shuffled ids change the output: the ids reach every attention call)."""
+    """Each scheme computes another function than NoPE; relative ones (the biases, nope, rope; FIRE below its
+    threshold of 512 positions) ignore a shift of every position (unless the architecture has a position signal of
+    its own, NATIVE_POSITION_SIGNALS), sinusoidal does not; NoPE ignores the position ids altogether (no RoPE left in
+    place), and the biases measure distances with them (shuffled ids change the output: the ids reach every
+    attention call)."""
     x = tokens()
     positions = torch.arange(T)[None].expand(2, T)
     results = {}
-    for scheme in ("nope", "alibi", "t5_bias", "sinusoidal", "rope"):
+    for scheme in ("nope", "alibi", "t5_bias", "kerple", "sandwich", "fire", "sinusoidal", "rope"):
         if not archs.takes(arch, scheme):
             continue
         model = build(arch, scheme)
@@ -136,7 +138,7 @@ def test_every_scheme_changes_the_function(arch):
             shuffled = positions[:, torch.randperm(T, generator=torch.Generator().manual_seed(2))]
             if scheme == "nope":  # no rotation left in place: the position ids do not matter at all
                 torch.testing.assert_close(logits(model, x, position_ids=shuffled), base, atol=2e-5, rtol=1e-4)
-            elif scheme in ("alibi", "t5_bias"):
+            elif hf_posenc.SCHEMES[scheme].site == "bias":
                 moved = (logits(model, x, position_ids=shuffled) - base).abs().max()
                 assert moved > 1e-3, f"{scheme} on {arch} ignores position_ids"
     for scheme, out in results.items():
@@ -154,11 +156,17 @@ def test_every_scheme_changes_the_function(arch):
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
-@pytest.mark.parametrize("scheme", ["alibi", "rope"])
+@pytest.mark.parametrize(
+    "scheme",
+    # FIRE with a threshold inside the test lengths: a bias of the query's own position, which a decode step must get
+    ["alibi", "rope", {"type": "fire", "hidden": 8, "init_threshold": 6}],
+    ids=["alibi", "rope", "fire"],
+)
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_matches_full_forward(arch, scheme, padded):
-    if not archs.takes(arch, scheme):
-        pytest.skip(f"{arch} refuses {scheme}")
+    name = scheme if isinstance(scheme, str) else scheme["type"]
+    if not archs.takes(arch, name):
+        pytest.skip(f"{arch} refuses {name}")
     model = build(arch, scheme)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
@@ -198,6 +206,11 @@ def test_save_load_and_convert(arch, tmp_path):
             again = auto_class(arch).from_pretrained(tmp_path / "scaled").eval()
             assert again.config.posenc == scaled.config.posenc
             assert torch.equal(logits(again, x), logits(scaled, x))
+    # a bias learned per layer (FIRE): one provider per layer, each saved and reloaded
+    if archs.takes(arch, "fire"):
+        fire = build(arch, "fire")
+        fire.save_pretrained(tmp_path / "fire")
+        assert torch.equal(logits(auto_class(arch).from_pretrained(tmp_path / "fire").eval(), x), logits(fire, x))
     # the model pickles whole (torch.save), its classes made at run time included
     buffer = io.BytesIO()
     torch.save(model, buffer)

@@ -172,6 +172,24 @@ def test_rope_frequencies_match_transformers(arch, rope_type, partial):
     assert module.attention_scaling == pytest.approx(stock_scaling, rel=1e-12)
 
 
+@pytest.mark.parametrize("p", [0.25, 0.5, 0.75])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_p_rope_drops_the_lowest_frequencies(arch, p):
+    """p-RoPE (Barbero et al. 2025, "Round and round we go!"), as transformers' `proportional` rope_type with
+    `partial_rotary_factor` p: of the head's d/2 RoPE frequencies theta**(-2k/d) (denominator the whole head), the
+    int(p * d / 2) highest keep turning and the others are set to 0 (those pairs pass through unrotated), written
+    out here from the paper's definition."""
+    module = rotary_module(arch, rope_type="proportional", partial_rotary_factor=p, rope_theta=500.0)
+    kept = int(p * HEAD_DIM / 2)
+    expected = [500.0 ** (-2 * k / HEAD_DIM) if k < kept else 0.0 for k in range(HEAD_DIM // 2)]
+    torch.testing.assert_close(module.inv_freq.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=0)
+    if arch == "llama":  # the tables the attention applies: the dropped pairs have cos 1, sin 0 at every position
+        cos, sin = module(torch.zeros(1), torch.arange(50)[None])
+        assert torch.equal(cos[..., kept : HEAD_DIM // 2], torch.ones_like(cos[..., kept : HEAD_DIM // 2]))
+        assert torch.equal(sin[..., kept : HEAD_DIM // 2], torch.zeros_like(sin[..., kept : HEAD_DIM // 2]))
+        assert (sin[0, 1:, :kept] != 0).all()
+
+
 @pytest.mark.parametrize("theta", [10000.0, 500000.0])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_rope_default_matches_llama_bitwise(arch, theta):

@@ -199,7 +199,8 @@ def test_config_json_without_posenc_refused(arch, edit, tmp_path):
     else:
         saved["posenc"] = None
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    message = rf"config.json of model_type 'posenc_{arch}' has no 'posenc' entry.*one of alibi, learned, nope, rope"
+    schemes = ", ".join(sorted(hf_posenc.SCHEMES))
+    message = rf"config.json of model_type 'posenc_{arch}' has no 'posenc' entry.*one of {schemes}"
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=message):
@@ -222,7 +223,10 @@ def test_config_built_in_code_takes_native_scheme(arch, native):
 # --------------------------------------------------------------------------------------------------------------------
 
 OBSCURE = {
-    "type given as a list": ({"type": ["alibi"]}, r"unknown posenc scheme \['alibi'\]; allowed: alibi, learned, nope"),
+    "type given as a list": (
+        {"type": ["alibi"]},
+        r"unknown posenc scheme \['alibi'\]; allowed: " + ", ".join(sorted(hf_posenc.SCHEMES)),
+    ),
     "ntk factor 1e308": (
         {"type": "rope", "rope_type": "ntk", "factor": 1e308},
         r"factor must be a number >= 1 and at most 2\*\*24 = 16777216.*got 1e\+308",

@@ -38,8 +38,10 @@ from .posenc_schemes import alibi_slopes, get_scheme, t5_relative_position_bucke
 
 
 class RelativeBias(nn.Module):
-    """A bias that depends on the distance `key - query` only. Subclasses give `by_distance`; the (Q, K) block of any
-    query and key positions, and the flex path's table of distances, both come from it.
+    """A bias on the attention scores computed from the positions of queries and keys. Subclasses whose bias depends
+    on the distance `key - query` only give `by_distance`; the (Q, K) block of any query and key positions, and the
+    flex path's table of distances, both come from it. A bias that also depends on the query's own position (FIRE)
+    sets `distance_only = False` and gives `forward` and `score_mod_bias` instead.
 
     `heads` is the number of query heads of the call (architectures may change it per layer); `causal` says whether
     the call attends one way (decoders) or both (encoders), as the mask function found.
@@ -49,6 +51,25 @@ class RelativeBias(nn.Module):
     calls = 0
     #: the position ids of the forward in progress, set by the model's position-free rotary modules
     position_ids: torch.Tensor | None = None
+    #: whether the bias is a function of `key - query` alone (a table by distance serves every query)
+    distance_only = True
+    #: whether the chunked path gathers each block's bias from a table by distance (cheaper than computing it per
+    #: (query, key) pair for anything costlier than one multiply: a learned table, a log, a power, a cosine sum)
+    tabulate = True
+    #: floats of scratch memory the bias takes per (query, key) pair beyond its H outputs (FIRE's hidden layer)
+    scratch_per_pair = 0
+    #: one provider for every layer (True), or one per layer (its paper learns the parameters per layer)
+    shared_across_layers = True
+
+    @classmethod
+    def shares(cls, posenc: dict) -> bool:
+        """Whether a normalised `posenc` of this scheme has one provider for every layer."""
+        return cls.shared_across_layers
+
+    @classmethod
+    def from_posenc(cls, posenc: dict, num_heads: int) -> RelativeBias:
+        """The provider of a normalised `posenc` of this scheme, for layers of `num_heads` query heads."""
+        return cls(num_heads, **{key: value for key, value in posenc.items() if key != "type"})
 
     def forward(
         self, q_positions: torch.Tensor, kv_positions: torch.Tensor, heads: int | None = None, causal: bool = True
@@ -62,7 +83,27 @@ class RelativeBias(nn.Module):
         """Relative positions `key - query` of any shape S -> (H, *S) float32 bias."""
         raise NotImplementedError
 
+    def check_heads(self, heads: int | None) -> None:
+        """A provider with parameters per head serves calls of that many heads only."""
+        if heads is not None and heads != self.num_heads:
+            scheme = type(self).scheme
+            raise ValueError(
+                f"posenc {scheme!r} has parameters for {self.num_heads} heads, but an attention layer has {heads}: "
+                f"architectures whose layers differ in head count cannot share {scheme}'s parameters; use alibi"
+            )
 
+
+#: the bias provider of each score-bias scheme
+BIAS_PROVIDERS: dict[str, type[RelativeBias]] = {}
+
+
+def register_bias_provider(cls: type[RelativeBias]) -> type[RelativeBias]:
+    """Make `cls` the provider of the score-bias scheme `cls.scheme` (built by `cls.from_posenc`)."""
+    BIAS_PROVIDERS[cls.scheme] = cls
+    return cls
+
+
+@register_bias_provider
 class AlibiBias(RelativeBias):
     """ALiBi: `-slope_h * |i - j|` (Press et al., https://arxiv.org/abs/2108.12409). No parameters.
 
@@ -70,6 +111,9 @@ class AlibiBias(RelativeBias):
     those of the call's head count (`num_heads` when the call does not say), so layers with other head counts get
     the paper's slopes for theirs.
     """
+
+    scheme = "alibi"
+    tabulate = False  # one multiply per pair: no cheaper from a table
 
     def __init__(self, num_heads: int, max_bias: float = 8.0, slope_multiplier: float = 1.0):
         super().__init__()
@@ -90,11 +134,14 @@ class AlibiBias(RelativeBias):
         return f"num_heads={self.num_heads}, max_bias={self.max_bias}, slope_multiplier={self.slope_multiplier}"
 
 
+@register_bias_provider
 class T5RelativeBias(RelativeBias):
     """T5's learned bias per (bucket of key - query, head), one table shared by all layers (Raffel et al., 2020).
 
     Buckets are bidirectional where the call attends both ways (encoders) and one-way for causal calls, unless
     `bidirectional` fixes it."""
+
+    scheme = "t5_bias"
 
     def __init__(
         self, num_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool | None = None
@@ -105,11 +152,7 @@ class T5RelativeBias(RelativeBias):
         self.relative_attention_bias = nn.Embedding(num_buckets, num_heads)
 
     def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
-        if heads is not None and heads != self.num_heads:
-            raise ValueError(
-                f"posenc 't5_bias' has a table for {self.num_heads} heads, but an attention layer has {heads}: "
-                "architectures whose layers differ in head count cannot share T5's table; use alibi"
-            )
+        self.check_heads(heads)
         bidirectional = (not causal) if self.bidirectional is None else self.bidirectional
         buckets = t5_relative_position_bucket(relative, bidirectional, self.num_buckets, self.max_distance)
         return self.relative_attention_bias(buckets).movedim(-1, 0).float()
@@ -118,15 +161,206 @@ class T5RelativeBias(RelativeBias):
         return f"num_buckets={self.num_buckets}, max_distance={self.max_distance}, bidirectional={self.bidirectional}"
 
 
+def _by_table(relative: torch.Tensor, function) -> torch.Tensor:
+    """`function(distances)` (H, N) evaluated once per distinct distance of `relative` and gathered to (H, *S): the
+    bias of a (Q, K) block costs Q + K - 1 evaluations instead of Q * K. Traced code evaluates every element (no
+    host-side lengths)."""
+    if torch.compiler.is_compiling() or relative.numel() < 2:
+        return function(relative.reshape(-1)).reshape(-1, *relative.shape)
+    low, high = int(relative.min()), int(relative.max())
+    table = function(torch.arange(low, high + 1, device=relative.device))  # (H, high - low + 1)
+    return table[:, relative - low]
+
+
+@register_bias_provider
+class KerpleBias(RelativeBias):
+    """KERPLE (Chi et al., 2022, https://arxiv.org/abs/2205.09921): a conditionally positive definite kernel of the
+    distance, `-r1 * log(1 + r2 * |i - j|)` (log variant) or `-r1 * |i - j| ** r2` (power variant), with learned
+    r1, r2 per head, one set for the whole model (the paper's code builds one module and hands it to every layer).
+
+    As in the paper's code (chijames/KERPLE): both are kept at least 0.01, the power variant's exponent r2 at most 2
+    (past it the kernel is no longer conditionally positive definite); log starts with r1 uniform in (0, 2) and r2 in
+    (0, 1), power with r1 in (0, 1) and the exponent r2 in (0, 2). The paper projects the parameters after each step;
+    here the clamp is in the forward with its gradient passed through, so a parameter at a bound can move back as
+    under the projection, and an optimizer knows nothing of it (Trainer, PEFT and torch.compile need no hook)."""
+
+    scheme = "kerple"
+    EPS = 1e-2
+
+    def __init__(self, num_heads: int, variant: str = "log"):
+        super().__init__()
+        self.num_heads, self.variant = num_heads, variant
+        self.r1 = nn.Parameter(torch.empty(num_heads))
+        self.r2 = nn.Parameter(torch.empty(num_heads))
+        self.posenc_init()
+
+    def posenc_init(self) -> None:
+        """The paper's initialisation (transformers' `init` functions: tensors a checkpoint loaded are kept)."""
+        from transformers import initialization as init
+
+        log = self.variant == "log"
+        init.uniform_(self.r1, 0.0, 2.0 if log else 1.0)
+        init.uniform_(self.r2, 0.0, 1.0 if log else 2.0)
+
+    def constrained(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r1, r2) as the bias uses them: clamped into the paper's range, the gradient passing the clamp."""
+        high = 2.0 if self.variant == "power" else None
+        r1 = self.r1 + (self.r1.clamp(min=self.EPS) - self.r1).detach()
+        r2 = self.r2 + (self.r2.clamp(min=self.EPS, max=high) - self.r2).detach()
+        return r1.float(), r2.float()
+
+    def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
+        self.check_heads(heads)
+        r1, r2 = (r.view(-1, *(1,) * relative.dim()) for r in self.constrained())
+        distance = relative.abs().to(torch.float32)
+        if self.variant == "log":
+            return -r1 * torch.log1p(r2 * distance)
+        # distances are integers: 0 ** r2 is 0, and its gradient in r2 (0 * log 0) is taken as 0, not NaN
+        positive = distance > 0
+        return -r1 * torch.where(positive, distance.clamp(min=1) ** r2, torch.zeros_like(distance))
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, variant={self.variant!r}"
+
+
+@register_bias_provider
+class SandwichBias(RelativeBias):
+    """Sandwich (Chi et al., 2023, https://arxiv.org/abs/2212.10356): the inner product of two sinusoidal position
+    embeddings of width `dim` (the paper's d-bar, 128), `sum_k cos(|i - j| * 10000**(-2k/dim))` for k < dim/2, minus
+    its value at distance 0 (dim/2: 0 at distance 0, negative beyond, a per-head constant softmax ignores), divided
+    by the head's ratio `8h/H` (h = 1..H) as ALiBi's slopes spread the heads. No parameters. The table of distances
+    is computed in float64 and rounded once."""
+
+    scheme = "sandwich"
+
+    def __init__(self, num_heads: int, dim: int = 128):
+        super().__init__()
+        self.num_heads, self.dim = num_heads, dim
+
+    def ratios(self, heads: int, device) -> torch.Tensor:
+        return torch.arange(1, heads + 1, device=device, dtype=torch.float64) * 8.0 / heads
+
+    def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
+        heads = heads or self.num_heads
+        dtype = torch.float32 if relative.device.type == "mps" else torch.float64
+
+        def table(distances: torch.Tensor) -> torch.Tensor:  # (N,) -> (H, N)
+            frequencies = 10000.0 ** (-torch.arange(0, self.dim, 2, device=distances.device, dtype=dtype) / self.dim)
+            products = torch.cos(distances.abs().to(dtype)[:, None] * frequencies).sum(-1) - self.dim / 2
+            return (products[None] / self.ratios(heads, distances.device).to(dtype)[:, None]).to(torch.float32)
+
+        return _by_table(relative, table)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, dim={self.dim}"
+
+
+@register_bias_provider
+class FireBias(RelativeBias):
+    """FIRE (Li et al., 2024, https://arxiv.org/abs/2310.04418): a small MLP of the progressively normalised
+    log distance, `b(i, j) = f(psi(i - j) / psi(max(L, i)))` with `psi(x) = log(c x + 1)`, one output per head.
+
+    As the paper's reference code: f is Linear(1, hidden) -> ReLU -> Linear(hidden, H) with torch's default
+    initialisation, hidden 32; c is learned (starting at 0.1); the threshold L is `|multiplier| * init_threshold`
+    with a learned multiplier starting at 1 (init_threshold 512); psi takes |c x| and the denominator gets 1e-6.
+    The bias depends on the query's own position wherever it passes L, so it is not a table of distances: the
+    chunked path computes each block's bias pair by pair (no (Q, K) tensor), flex computes it inside the score_mod.
+    Encoders (both directions) use |i - j|."""
+
+    scheme = "fire"
+    distance_only = False
+    tabulate = False
+    EPS = 1e-6
+
+    def __init__(self, num_heads: int, hidden: int = 32, init_threshold: int = 512, shared: bool = False):
+        super().__init__()
+        self.num_heads, self.hidden, self.init_threshold = num_heads, hidden, init_threshold
+        self.shared_across_layers = shared
+        self.scratch_per_pair = hidden
+        self.w1 = nn.Parameter(torch.empty(hidden))
+        self.b1 = nn.Parameter(torch.empty(hidden))
+        self.w2 = nn.Parameter(torch.empty(num_heads, hidden))
+        self.b2 = nn.Parameter(torch.empty(num_heads))
+        self.c = nn.Parameter(torch.empty(()))
+        self.threshold_multiplier = nn.Parameter(torch.empty(()))
+        self.posenc_init()
+
+    @classmethod
+    def shares(cls, posenc: dict) -> bool:
+        return posenc["shared"]
+
+    @classmethod
+    def from_posenc(cls, posenc: dict, num_heads: int) -> RelativeBias:
+        return cls(num_heads, posenc["hidden"], posenc["init_threshold"], posenc["shared"])
+
+    def posenc_init(self) -> None:
+        """torch's default Linear initialisation (uniform in +-1/sqrt(fan_in)), c = 0.1, multiplier 1, through
+        transformers' `init` functions (tensors a checkpoint loaded are kept)."""
+        from transformers import initialization as init
+
+        for weight, fan_in in ((self.w1, 1), (self.b1, 1), (self.w2, self.hidden), (self.b2, self.hidden)):
+            init.uniform_(weight, -(fan_in**-0.5), fan_in**-0.5)
+        init.constant_(self.c, 0.1)
+        init.constant_(self.threshold_multiplier, 1.0)
+
+    def normalised(self, q_positions: torch.Tensor, kv_positions: torch.Tensor, causal: bool) -> torch.Tensor:
+        """psi(i - j) / psi(max(L, i)) for broadcastable query and key positions, float32."""
+        q, k = q_positions.to(torch.float32), kv_positions.to(torch.float32)
+        distance = q - k if causal else (q - k).abs()
+        c = self.c.float()
+        threshold = (self.threshold_multiplier.float() * self.init_threshold).abs()
+        numerator = torch.log((c * distance).abs() + 1)
+        return numerator / (torch.log((c * torch.maximum(q, threshold)).abs() + 1) + self.EPS)
+
+    def forward(
+        self, q_positions: torch.Tensor, kv_positions: torch.Tensor, heads: int | None = None, causal: bool = True
+    ) -> torch.Tensor:
+        """(Q,), (K,) positions -> (H, Q, K) float32 bias; (B, Q), (B, K) -> (B, H, Q, K)."""
+        self.check_heads(heads)
+        x = self.normalised(q_positions[..., :, None], kv_positions[..., None, :], causal)  # (..., Q, K)
+        hidden = torch.relu(x[..., None] * self.w1.float() + self.b1.float())  # (..., Q, K, hidden)
+        bias = hidden @ self.w2.float().T + self.b2.float()  # (..., Q, K, H)
+        return bias.movedim(-1, -3)
+
+    def score_mod_bias(self, head, q_position, kv_position, causal: bool):
+        """The bias of one (head, query position, key position) inside a flex score_mod: the MLP written out over its
+        hidden units (scalar code flex fuses into its kernel; no (Q, K) tensor)."""
+        x = self.normalised(q_position, kv_position, causal)
+        w1, b1, w2, b2 = self.w1.float(), self.b1.float(), self.w2.float(), self.b2.float()
+        out = b2[head]
+        for unit in range(self.hidden):
+            out = out + w2[head, unit] * torch.relu(x * w1[unit] + b1[unit])
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, hidden={self.hidden}, init_threshold={self.init_threshold}, "
+            f"shared={self.shared_across_layers}"
+        )
+
+
 def score_bias_module(posenc: dict, num_heads: int) -> nn.Module | None:
-    """The bias provider for a `bias`-site scheme, or None for every other scheme."""
-    if posenc["type"] == "alibi":
-        return AlibiBias(num_heads, posenc["max_bias"], posenc["slope_multiplier"])
-    if posenc["type"] == "t5_bias":
-        return T5RelativeBias(num_heads, posenc["num_buckets"], posenc["max_distance"])
-    if get_scheme(posenc["type"]).site == "bias":
+    """A bias provider for a `bias`-site scheme, or None for every other scheme."""
+    if get_scheme(posenc["type"]).site != "bias":
+        return None
+    if posenc["type"] not in BIAS_PROVIDERS:
         raise NotImplementedError(f"no score-bias module for posenc {posenc['type']!r}")
-    return None
+    return BIAS_PROVIDERS[posenc["type"]].from_posenc(posenc, num_heads)
+
+
+def bias_per_layer(posenc: dict) -> bool:
+    """Whether a scheme learns its bias per layer (FIRE; not T5, KERPLE or FIRE-S, which share one set)."""
+    provider = BIAS_PROVIDERS.get(posenc["type"])
+    return provider is not None and not provider.shares(posenc)
+
+
+def score_bias_modules(posenc: dict, num_heads: int, num_layers: int) -> list[nn.Module | None]:
+    """The provider of each of `num_layers` layers: one object for all of them where the scheme shares its
+    parameters across layers (T5, KERPLE, FIRE-S, and every parameter-free bias), one per layer where its paper learns
+    them per layer (FIRE); None for every layer of a scheme without a bias."""
+    if bias_per_layer(posenc):
+        return [score_bias_module(posenc, num_heads) for _ in range(num_layers)]
+    return [score_bias_module(posenc, num_heads)] * num_layers
 
 
 def refuse_bias_with_cross_attention(config) -> None:
@@ -138,12 +372,31 @@ def refuse_bias_with_cross_attention(config) -> None:
         )
 
 
-def attach_score_bias(owner: nn.Module, attention_modules, provider: nn.Module | None) -> None:
-    """Register `provider` once on `owner` (its weights are saved there) and point every attention module at it."""
-    owner.position_bias = provider
-    for attention in attention_modules:
-        # a reference, not a submodule: one table shared by all layers, saved once
-        object.__setattr__(attention, "posenc_bias", provider)
+def attach_score_bias(owner: nn.Module, layers: list[list[nn.Module]], providers: list[nn.Module | None]) -> None:
+    """Register the providers on `owner` (their weights are saved there) and point the modules of each layer at
+    theirs: `layers[i]` are the modules of layer i (its attention module among them), `providers[i]` its provider.
+
+    One provider for every layer is `owner.position_bias` (T5's table: `position_bias.relative_attention_bias`) and
+    reaches every module of `owner`; providers per layer are `owner.position_bias[str(i)]`. Every module of `owner`
+    also gets `posenc_biases`, the distinct providers, whose position ids the rotary modules set for each forward."""
+    distinct = list({id(p): p for p in providers if p is not None}.values())
+    if not distinct or (len(distinct) == 1 and all(p is not None for p in providers)):  # none, or one for all
+        owner.position_bias = distinct[0] if distinct else None
+        layers = [list(owner.modules())]
+        providers = providers[:1]
+    else:
+        owner.position_bias = nn.ModuleDict({str(i): p for i, p in enumerate(providers) if p is not None})
+    for module in owner.modules():
+        object.__setattr__(module, "posenc_biases", tuple(distinct))
+    for modules, provider in zip(layers, providers):
+        for module in modules:
+            # a reference, not a submodule: a provider is saved once, where it is registered
+            object.__setattr__(module, "posenc_bias", provider)
+
+
+def bias_providers(owner: nn.Module) -> tuple[nn.Module, ...]:
+    """The distinct bias providers `attach_score_bias` put on `owner` (none for schemes without a bias)."""
+    return getattr(owner, "posenc_biases", ())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -354,7 +607,8 @@ def _call(
     scheme = getattr(getattr(module, "config", None), "posenc", {}).get("type")
     if provider is None:
         raise ValueError(
-            f"attn_implementation {module.config._attn_implementation!r} is for score-bias schemes (alibi, t5_bias); "
+            f"attn_implementation {module.config._attn_implementation!r} is for score-bias schemes "
+            f"({', '.join(BIAS_PROVIDERS)}); "
             f"this model's posenc is {scheme!r}"
         )
     if not isinstance(attention_mask, ScoreBiasMask):
@@ -495,7 +749,9 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     batch, heads, q_length, _ = query.shape
     key, value = repeat_kv(key, heads // key.shape[1]), repeat_kv(value, heads // value.shape[1])
     compute = torch.float32
-    chunk = max(1, BIAS_BLOCK_BYTES // (4 * batch * heads * key.shape[2]))
+    # the bias block, and the scratch a bias may need per (query, key) pair (FIRE's hidden layer), within the budget
+    width = batch * heads + (batch if masks.q_ids is not None else 1) * provider.scratch_per_pair
+    chunk = max(1, BIAS_BLOCK_BYTES // (4 * width * key.shape[2]))
     # the provider's parameters (T5's table) and the sinks are inputs of each block, so that a recomputed block
     # differentiates them too
     names, weights = zip(*provider.named_parameters()) if any(True for _ in provider.parameters()) else ((), ())
@@ -504,9 +760,15 @@ def _chunked_bias_attention(query, key, value, provider, masks: ScoreBiasMask, s
     def bias_of(rows, *tensors):
         """(1 or B, H, rows, K) fp32 bias of query rows `rows`, from the provider's parameters `tensors`."""
         q_positions, kv_positions = masks.bias_positions(rows)
-        # a learned table (T5): the block's bias by distance (rows + K - 1 of them), then gathered (its buckets cost
-        # more than the gather); traced code takes the direct way (no host-side lengths)
-        if q_positions.dim() == 1 and tensors and not torch.compiler.is_compiling():
+        # a bias of the distance that costs more than the gather (T5's buckets, KERPLE's log, Sandwich's cosines):
+        # the block's bias by distance (rows + K - 1 of them), then gathered; traced code takes the direct way (no
+        # host-side lengths)
+        if (
+            q_positions.dim() == 1
+            and provider.distance_only
+            and provider.tabulate
+            and not torch.compiler.is_compiling()
+        ):
             first = int(kv_positions[0] - q_positions[-1])
             distances = torch.arange(first, int(kv_positions[-1] - q_positions[0]) + 1, device=q_positions.device)
             origin = distances.new_zeros(1)
@@ -669,20 +931,33 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     k_length = key.shape[2]
     q_offset, kv_offset = int(masks.q_positions[0]), int(masks.kv_positions[0])
     softcap, q_ids, kv_ids = extras.softcap, masks.q_ids, masks.kv_ids
-    if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_offset - q_offset)
-        first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
-        last = first + q_length + k_length - 2
-    else:  # each row's own positions
-        first, last = int(kv_ids.min() - q_ids.max()), int(kv_ids.max() - q_ids.min())
-    table = provider.by_distance(torch.arange(first, last + 1, device=query.device), heads, extras.causal)
+    causal = extras.causal
+    if not provider.distance_only:  # a bias of the query's own position too (FIRE): computed inside the score_mod
+        provider.check_heads(heads)
 
-    def score_mod(score, b, h, q_index, kv_index):
-        if softcap is not None:
-            score = torch.tanh(score / softcap) * softcap
-        if q_ids is None:
-            return score + table[h, kv_index - q_index + (q_length - 1)]
-        row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
-        return score + table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
+        def score_mod(score, b, h, q_index, kv_index):
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            if q_ids is None:
+                return score + provider.score_mod_bias(h, q_index + q_offset, kv_index + kv_offset, causal)
+            row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
+            return score + provider.score_mod_bias(h, q_ids[row, q_index], kv_ids[row, kv_index], causal)
+
+    else:
+        if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_offset - q_offset)
+            first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
+            last = first + q_length + k_length - 2
+        else:  # each row's own positions
+            first, last = int(kv_ids.min() - q_ids.max()), int(kv_ids.max() - q_ids.min())
+        table = provider.by_distance(torch.arange(first, last + 1, device=query.device), heads, causal)
+
+        def score_mod(score, b, h, q_index, kv_index):
+            if softcap is not None:
+                score = torch.tanh(score / softcap) * softcap
+            if q_ids is None:
+                return score + table[h, kv_index - q_index + (q_length - 1)]
+            row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
+            return score + table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
 
     if masks.mask is not None:
         allowed = masks.mask

@@ -17,7 +17,7 @@ import functools
 import torch
 from transformers.models.bert.modeling_bert import eager_attention_forward
 
-from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
+from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_modules
 from .posenc_layers import (
     CACHE_KWARGS,
     LearnedPositionEmbedding,
@@ -91,8 +91,9 @@ class BertLikeAdapter:
         self.rotary_emb = PairRotaryEmbedding(config) if site == "rotation" else None
         for attention in self._self_attentions():
             upgrade(attention, rotating_class(type(attention)))
-        provider = score_bias_module(posenc, config.num_attention_heads)
-        attach_score_bias(self, self._self_attentions(), provider)
+        attentions = self._self_attentions()
+        providers = score_bias_modules(posenc, config.num_attention_heads, len(attentions))
+        attach_score_bias(self, [[attention] for attention in attentions], providers)
 
     def default_position_ids(self, input_ids, inputs_embeds, cache) -> torch.Tensor:
         """The architecture's own default positions (BERT: counting from the cache; RoBERTa overrides this)."""

@@ -13,7 +13,7 @@ Sites on GPT-2:
 
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention, eager_attention_forward
 
-from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_module
+from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attention, score_bias_modules
 from .posenc_layers import (
     CACHE_KWARGS,
     LearnedPositionEmbedding,
@@ -91,8 +91,8 @@ class GPT2Adapter:
         self.rotary_emb = PairRotaryEmbedding(self.config) if get_scheme(posenc["type"]).site == "rotation" else None
         for block in self.h:
             upgrade(block.attn, PosencGPT2Attention)
-        provider = score_bias_module(posenc, self.config.n_head)
-        attach_score_bias(self, [block.attn for block in self.h], provider)
+        providers = score_bias_modules(posenc, self.config.n_head, len(self.h))
+        attach_score_bias(self, [[block.attn] for block in self.h], providers)
 
     def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
         """Every argument by name: the factory gives the class GPT2Model's signature (`keep_stock_signature`)."""

@@ -34,10 +34,13 @@ from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 from .posenc_attention import (
     BIAS_KERNELS,
+    BIAS_PROVIDERS,
     STOCK_NAMES,
     attach_score_bias,
+    bias_per_layer,
+    bias_providers,
     kernel_name,
-    score_bias_module,
+    score_bias_modules,
 )
 from .posenc_schemes import (
     STOCK_GUARD,
@@ -443,8 +446,7 @@ class PositionFreeRotaryMixin:
             self.posenc_calls += 1
         # the score bias reads them in every attention call of this forward, also where the model does not hand its
         # attention the position ids (ModernBERT, Persimmon, ...); set in compiled forwards too, or they would go stale
-        provider = getattr(self, "posenc_bias", None)
-        if provider is not None:
+        for provider in getattr(self, "posenc_biases", ()):
             provider.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
         if "position_ids" in kwargs:
             kwargs["position_ids"] = torch.zeros_like(kwargs["position_ids"])
@@ -489,6 +491,28 @@ def positioned_input_class(embedding_class: type) -> type:
     return publish(type(name, (PositionedInputMixin, embedding_class), {}), __name__)
 
 
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of a base model, in order: its module list as long as `num_hidden_layers` (`layers` in the Llama
+    pattern, `h` in GPT-2's, `layer` in BERT's); where there is none (HRM runs two stacks of layers in cycles), every
+    outermost module list that holds attention modules, one after the other."""
+
+    def attends(layer: nn.Module) -> bool:
+        return any("Attention" in type(module).__name__ for module in layer.modules())
+
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(map(attends, m))]
+    count = model.config.num_hidden_layers
+    for _, layers in lists:
+        if len(layers) == count:
+            return list(layers)
+    outermost = [(n, m) for n, m in lists if not any(n.startswith(other + ".") for other, _ in lists)]
+    if not outermost:
+        raise ValueError(
+            f"{type(model).__name__} has no list of layers with attention: a scheme that differs per layer cannot "
+            "find them"
+        )
+    return [layer for _, layers in outermost for layer in layers]
+
+
 def rotary_modules(model: nn.Module) -> list[nn.Module]:
     """Every rotary module in `model`: transformers names their classes `*RotaryEmbedding` (or `*RotaryEmbeddings`)."""
     return [module for module in model.modules() if "RotaryEmbedding" in type(module).__name__]
@@ -531,8 +555,8 @@ class RotarySlotAdapter:
                 upgrade(rotary, position_free_class(type(rotary)))
         # the rotary modules a forward must call (a plain list, not submodules: they are registered where they are)
         self._posenc_rotaries = [] if get_scheme(posenc["type"]).site == "rotation" else rotaries
-        provider = score_bias_module(posenc, config.num_attention_heads)
-        attach_score_bias(self, list(self.modules()), provider)
+        layers = [list(layer.modules()) for layer in decoder_layers(self)] if bias_per_layer(posenc) else [[]]
+        attach_score_bias(self, layers, score_bias_modules(posenc, config.num_attention_heads, len(layers)))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
         """Every argument by name: the factory gives the class the stock forward's signature (`keep_stock_signature`),
@@ -565,7 +589,7 @@ class RotarySlotAdapter:
     def _posenc_calls(self) -> tuple[int, int]:
         """(bias kernel calls, position-free rotary calls) so far: a forward must add to the ones its scheme needs."""
         rotary = sum(module.posenc_calls for module in self._posenc_rotaries)
-        return (self.position_bias.calls if self.position_bias is not None else 0), rotary
+        return sum(provider.calls for provider in bias_providers(self)), rotary
 
     def _check_posenc_applied(self, before: tuple[int, int]) -> None:
         """Raise where the forward never reached the site of the scheme: nothing may fail silently."""
@@ -685,6 +709,14 @@ class PosencPreTrainedMixin:
             )
         return base
 
+    def _init_weights(self, module):
+        """The stock initialisation, and the paper's for the parameters of a bias provider (`posenc_init`: KERPLE,
+        FIRE), which the stock `_init_weights` does not know (a converted checkpoint lacks them)."""
+        if hasattr(module, "posenc_init"):
+            module.posenc_init()
+            return
+        super()._init_weights(module)
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
         scheme = self.config.posenc["type"]
         if isinstance(attn_implementation, str) and attn_implementation.startswith(STOCK_GUARD):
@@ -693,7 +725,8 @@ class PosencPreTrainedMixin:
         if kernel is not None:
             if get_scheme(scheme).site != "bias":
                 raise ValueError(
-                    f"attn_implementation {attn_implementation!r} is for score-bias schemes (alibi, t5_bias); this "
+                    f"attn_implementation {attn_implementation!r} is for score-bias schemes "
+                    f"({', '.join(BIAS_PROVIDERS)}); this "
                     f"model's posenc is {scheme!r}: use 'eager', 'sdpa', 'flex_attention' or a flash kernel"
                 )
             if kernel not in BIAS_KERNELS:

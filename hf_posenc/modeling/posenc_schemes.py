@@ -9,7 +9,8 @@ A scheme acts at exactly one *site* of a transformer:
 |-------------|------------------------------|---------------------------------------------------------|
 | `embedding` | learned, sinusoidal          | a position table added to the token embeddings           |
 | `rotation`  | rope (every `rope_type`)     | queries and keys rotated by position before the cache    |
-| `bias`      | alibi, t5_bias               | a bias added to the attention scores, from distances     |
+| `bias`      | alibi, t5_bias, kerple,      | a bias added to the attention scores, from the positions |
+|             | sandwich, fire               | of queries and keys                                      |
 | `none`      | nope                         | no position signal at all                                |
 
 Shape legend used in docstrings: B batch, H heads, Q query length, K key/value length, D head dim.
@@ -370,6 +371,36 @@ register_scheme(
     Scheme("t5_bias", "bias", True, "learned bucketed relative bias shared across layers (T5)", _normalize_t5)
 )
 
+KERPLE_VARIANTS = ("log", "power")
+_simple_scheme(
+    "kerple",
+    "bias",
+    True,
+    "learned kernel of the distance, -r1*log(1+r2|i-j|) or -r1*|i-j|**r2, per head, shared across layers (Chi et "
+    "al. 2022)",
+    {"variant": Param("log", lambda v: v in KERPLE_VARIANTS, f"one of {KERPLE_VARIANTS}")},
+)
+_simple_scheme(
+    "sandwich",
+    "bias",
+    True,
+    "parameter-free bias: inner product of sinusoidal embeddings of the two positions, heads spread as ALiBi's "
+    "(Chi et al. 2023)",
+    {"dim": Param(128, lambda v: _int_at_least(2)(v) and v % 2 == 0, "an even int >= 2 (the sinusoids' width)")},
+)
+_simple_scheme(
+    "fire",
+    "bias",
+    False,
+    "learned MLP of the progressively normalised log distance psi(i-j)/psi(max(L,i)), per layer unless shared (Li "
+    "et al. 2024)",
+    {
+        "hidden": Param(32, _int_at_least(1), "an int >= 1 (the MLP's hidden width)"),
+        "init_threshold": Param(512, _int_at_least(1), "an int >= 1 (L's starting value, in positions)"),
+        "shared": Param(False, lambda v: isinstance(v, bool), "a bool (one MLP for every layer: the paper's FIRE-S)"),
+    },
+)
+
 # --------------------------------------------------------------------------------------------------------------------
 # RoPE: one scheme, every rope_type transformers ships plus static NTK
 # --------------------------------------------------------------------------------------------------------------------
@@ -442,6 +473,9 @@ _ROPE_COMMON = {
     ),
     "partial_rotary_factor": Param(1.0, lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
 }
+#: settings transformers' init function of a rope_type reads that its validation does not list: proportional RoPE
+#: divides its frequencies by `factor` (`_compute_proportional_rope_parameters`) but warns that the key is unknown
+_READ_NOT_VALIDATED = {"proportional": {"factor"}}
 # rope_types whose transformers init function needs original_max_position_embeddings
 _NEEDS_ORIGINAL_LENGTH = ("yarn", "longrope", "llama3")
 
@@ -718,7 +752,10 @@ class PosencConfigMixin:
             self.rope_parameters = self.derived_rope_parameters()
             reference = reference_rope_parameters(self.rope_parameters)
             known = {"rope_type", *_ROPE_COMMON, *ROPE_TYPE_PARAMS.get(self.posenc["rope_type"], {}), "inner_rope_type"}
-            extras = set(reference) - known
+            # and the settings transformers reads but its validation does not list (it would warn of them)
+            extras = (set(reference) - known) | (
+                set(reference) & _READ_NOT_VALIDATED.get(self.posenc["rope_type"], set())
+            )
             if extras:  # the architecture's own settings (see _normalize_rope), unknown to the type's validation
                 self.ignore_keys_at_rope_validation = {*(self.ignore_keys_at_rope_validation or ()), *extras}
             stock = stock_class_of(type(self)).__name__
