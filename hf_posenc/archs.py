@@ -249,6 +249,12 @@ REFUSED_SITES: dict[str, dict[str, str]] = {
         "bias": "compressed keys are appended after the mask is made, so a bias per call cannot cover them",
         "embedding": "its hash-routed experts read input_ids, and its compressors use absolute positions",
     },
+    # per-layer patterns: a layer must be handed its rotary tables by keyword to take its own, and be one layer
+    **{
+        model_type: {"layers": "its layers are not handed their rotary tables by keyword, so one cannot take its own"}
+        for model_type in ("gemma3n_text", "beam")
+    },
+    "longcat_flash": {"layers": "each of its layers holds two attentions, so a pattern has no layer to give an entry"},
 }
 
 #: model_type -> a position signal of the architecture's own that no posenc scheme removes (stated in the matrix;
@@ -366,7 +372,14 @@ def check_scheme(model_type: str, posenc) -> None:
         )
     from .modeling.posenc_schemes import SCHEMES
 
-    if name in SCHEMES:
+    if name == "layers":
+        check_site(model_type, "layers")
+    if name == "layers" and isinstance(posenc, Mapping) and isinstance(posenc.get("pattern"), (list, tuple)):
+        for entry in posenc["pattern"]:  # each entry as a scheme of its own (its layer options aside)
+            if isinstance(entry, Mapping):
+                entry = {k: v for k, v in entry.items() if k not in ("sliding_window", "attn_temperature_tuning")}
+            check_scheme(model_type, entry)
+    elif name in SCHEMES:
         check_site(model_type, name)
 
 

@@ -94,6 +94,9 @@ SCHEME_CASES = {
     # a threshold below the test lengths: the query's own position matters (FIRE's progressive interpolation)
     "fire": {"type": "fire", "hidden": 8, "init_threshold": 4},
     "fire_shared": {"type": "fire", "shared": True, "hidden": 8, "init_threshold": 4},
+    # per-layer patterns: RoPE then NoPE (as SmolLM3, Llama 4); a windowed RoPE layer then an ALiBi layer
+    "layers_rope_nope": {"type": "layers", "pattern": ["rope", "nope"]},
+    "layers_window_alibi": {"type": "layers", "pattern": [{"type": "rope", "sliding_window": 5}, "alibi"]},
 }
 #: the cases whose logits move when every position moves by k: the absolute schemes, and FIRE (its bias depends on
 #: the query's own position past its threshold)

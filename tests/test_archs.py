@@ -76,10 +76,16 @@ def build(arch: str, posenc=None, **kwargs):
     lacks (a T5 table, a learned table) are drawn at std 1 so that they matter."""
     model = auto_class(arch).from_config(copy.deepcopy(tiny(arch)), posenc=posenc, **kwargs)
     missing = model.load_state_dict(stock_state(arch), strict=False).missing_keys
+    generator = torch.Generator().manual_seed(0)  # the same draws whatever ran before
     with torch.no_grad():
         for name in missing:
-            if model.get_parameter(name).dim() > 0:  # FIRE's scalars (c, its threshold) keep the paper's start
-                model.get_parameter(name).normal_(0.0, 1.0)
+            param = model.get_parameter(name)
+            if param.dim() == 0:  # FIRE's scalars (c, its threshold) keep the paper's start
+                continue
+            if "position_bias" in name and "relative_attention_bias" not in name:  # KERPLE's, FIRE's: positive
+                param.copy_(torch.rand(param.shape, generator=generator) * 1.5 + 0.5)
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator))
     return model.eval()
 
 
@@ -155,17 +161,58 @@ def test_every_scheme_changes_the_function(arch):
         )
 
 
+def arch_pattern(arch: str, bias: str = "kerple") -> dict | None:
+    """A per-layer pattern of RoPE and a windowed `bias` (NoPE where the architecture refuses biases), over its
+    attention layers (a hybrid's tiny config has one: then RoPE with the window)."""
+    if not archs.takes(arch, "rope") or not archs.takes(arch, "layers"):
+        return None
+    other = {"type": bias, "sliding_window": 4} if archs.takes(arch, bias) else "nope"
+    layer_types = getattr(tiny(arch), "layer_types", None) or ()
+    if sum(kind != "linear_attention" for kind in layer_types) == 1:
+        return {"type": "layers", "pattern": [{"type": "rope", "sliding_window": 4}]}
+    return {"type": "layers", "pattern": ["rope", other]}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_pattern(arch):
+    """A per-layer pattern computes another function than each of its schemes alone, ignores a shift of every
+    position (both are relative), and trains."""
+    spec = arch_pattern(arch)
+    if spec is None:
+        pytest.skip(f"{arch} refuses rope or per-layer patterns")
+    model = build(arch, spec)
+    x = tokens()
+    positions = torch.arange(T)[None].expand(2, T)
+    base = logits(model, x, position_ids=positions)
+    if arch not in archs.NATIVE_POSITION_SIGNALS:
+        torch.testing.assert_close(logits(model, x, position_ids=positions + 5), base, atol=2e-5, rtol=1e-4)
+    for entry in spec["pattern"]:  # each entry alone, without its window: the pattern is neither
+        alone = build(arch, entry if isinstance(entry, str) else {"type": entry["type"]})
+        assert (logits(alone, x, position_ids=positions) - base).abs().max() > 1e-3, f"{entry} alone on {arch}"
+    model.train()
+    model(x, labels=x).loss.backward()
+    # the pattern reaches every attention call: shuffled position ids move a bias entry's layers
+    if "kerple" in str(spec) and arch not in archs.NATIVE_POSITION_SIGNALS:
+        shuffled = positions[:, torch.randperm(T, generator=torch.Generator().manual_seed(2))]
+        assert (logits(model.eval(), x, position_ids=shuffled) - base).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
 @pytest.mark.parametrize(
     "scheme",
     # FIRE with a threshold inside the test lengths: a bias of the query's own position, which a decode step must get
-    ["alibi", "rope", {"type": "fire", "hidden": 8, "init_threshold": 6}],
-    ids=["alibi", "rope", "fire"],
+    # and a per-layer pattern (RoPE, then windowed Sandwich; test_layer_pattern has KERPLE)
+    ["alibi", "rope", {"type": "fire", "hidden": 8, "init_threshold": 6}, "layers"],
+    ids=["alibi", "rope", "fire", "layers"],
 )
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_matches_full_forward(arch, scheme, padded):
     name = scheme if isinstance(scheme, str) else scheme["type"]
-    if not archs.takes(arch, name):
+    if name == "layers":
+        scheme = arch_pattern(arch, "sandwich")
+        if scheme is None:
+            pytest.skip(f"{arch} refuses rope")
+    elif not archs.takes(arch, name):
         pytest.skip(f"{arch} refuses {name}")
     model = build(arch, scheme)
     model.generation_config.eos_token_id = None

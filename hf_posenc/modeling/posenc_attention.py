@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import bidirectional_mask_function, causal_mask_function, sdpa_mask
 
 from .posenc_flush import blockwise, denormal_flush
@@ -132,6 +132,21 @@ class AlibiBias(RelativeBias):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, max_bias={self.max_bias}, slope_multiplier={self.slope_multiplier}"
+
+
+class NoBias(RelativeBias):
+    """The layers of a per-layer pattern that add no bias (RoPE, NoPE) but still run on the posenc kernels, which
+    their windows and temperature need (or a neighbour's bias): a zero bias, which posenc_sdpa skips altogether."""
+
+    scheme = "none"
+    tabulate = False
+
+    def __init__(self, num_heads: int = 1):
+        super().__init__()
+        self.num_heads = num_heads
+
+    def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
+        return relative.new_zeros((heads or self.num_heads, *relative.shape), dtype=torch.float32)
 
 
 @register_bias_provider
@@ -425,6 +440,15 @@ class ScoreBiasMask:
     kv_positions: torch.Tensor
     q_ids: torch.Tensor | None = None
     kv_ids: torch.Tensor | None = None
+    #: a sliding window of a per-layer pattern's entry: each query sees the keys less than `window` cache positions
+    #: before it (as transformers' sliding windows), on top of `mask`
+    window: int | None = None
+
+    def with_window(self, window: int | None) -> ScoreBiasMask:
+        """These masks with a layer's own sliding window (None: as they are)."""
+        if window is None:
+            return self
+        return dataclasses.replace(self, window=window)
 
     def key_padding(self) -> torch.Tensor | None:
         """(B, K) True at the keys every query may see, where the mask is exactly causal attention over those keys
@@ -432,7 +456,8 @@ class ScoreBiasMask:
         if "_keep" not in self.__dict__:
             keep = None
             mask = self.mask
-            if mask is not None and self.causal and mask.shape[-1] == mask.shape[-2] == len(self.q_positions):
+            square = mask is not None and mask.shape[-1] == mask.shape[-2] == len(self.q_positions)
+            if square and self.window is None and self.causal:
                 keep = mask[:, 0, -1, :]  # the last query reaches every earlier key that is not padding
                 causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
                 if not torch.equal(mask[:, 0], causal[None] & keep[:, None, :]):
@@ -494,10 +519,15 @@ class ScoreBiasMask:
     def block(self, rows: slice) -> torch.Tensor | None:
         """The boolean mask of query rows `rows` (B or 1, 1, rows, K), built from positions when `mask` is None."""
         if self.mask is not None:
-            return self.mask[:, :, rows]
-        if not self.causal:
-            return None
-        return (self.q_positions[rows, None] >= self.kv_positions[None, :])[None, None]
+            allowed = self.mask[:, :, rows]
+        elif self.causal:
+            allowed = (self.q_positions[rows, None] >= self.kv_positions[None, :])[None, None]
+        else:
+            allowed = None
+        if self.window is not None:
+            distance = (self.q_positions[rows, None] - self.kv_positions[None, :]).abs()[None, None]
+            allowed = distance < self.window if allowed is None else allowed & (distance < self.window)
+        return allowed
 
 
 def posenc_mask(
@@ -605,6 +635,9 @@ def _call(
     `posenc_auto`, which picks it, not)."""
     provider = getattr(module, "posenc_bias", None)
     scheme = getattr(getattr(module, "config", None), "posenc", {}).get("type")
+    entry = getattr(module, "posenc_entry", None)  # the layer's entry of a per-layer pattern
+    if provider is None and entry is not None:
+        provider = _NO_BIAS
     if provider is None:
         raise ValueError(
             f"attn_implementation {module.config._attn_implementation!r} is for score-bias schemes "
@@ -633,7 +666,25 @@ def _call(
     if position_ids is None:  # a model that does not hand them on: those its rotary module was called with
         position_ids = getattr(provider, "position_ids", None)
     masks = attention_mask.with_position_ids(position_ids)
+    if entry is not None:
+        masks = masks.with_window(entry["sliding_window"])
     return provider, ScoreExtras(kwargs.get("softcap"), sinks, causal), masks
+
+
+_NO_BIAS = NoBias()
+
+
+def tempered(module: nn.Module, query: torch.Tensor, masks: ScoreBiasMask) -> torch.Tensor:
+    """The queries of a NoPE layer with Llama 4's attention temperature (a pattern entry's
+    `attn_temperature_tuning`): scaled by `log1p(floor((p + 1) / floor_scale)) * attn_scale + 1` at cache position p,
+    as transformers' Llama 4 scales them; unchanged elsewhere, and where the architecture applies it itself."""
+    entry = getattr(module, "posenc_entry", None)
+    temperature = None if entry is None else entry.get("attn_temperature_tuning")
+    if temperature is None or getattr(module, "posenc_native_temperature", False):
+        return query
+    positions = masks.q_positions.to(torch.float32)
+    scales = torch.log1p(torch.floor((positions + 1) / temperature["floor_scale"])) * temperature["attn_scale"] + 1
+    return query * scales.to(query.dtype)[:, None]  # (Q, 1) against (B, H, Q, D)
 
 
 def _query_meets_key(masks: ScoreBiasMask, index: int) -> bool:
@@ -883,11 +934,15 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     (causal, fp32, a prefill of more than one query, positions that never fall, no score extras, a mask of padding
     only or none), query-chunked blocks everywhere else (see `hf-posenc bench`)."""
     provider, extras, masks = _call(module, attention_mask, kwargs)
+    query = tempered(module, query, masks)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if provider is _NO_BIAS and masks.window is None and not extras:  # a pattern's layer without a bias: plain SDPA
+        output, _ = sdpa_attention_forward(module, query, key, value, masks.mask, dropout=dropout, scaling=scaling)
+        return output, None
     # the column trick needs SDPA's is_causal alignment: queries and keys both start at the first position (a
     # prefill; keys past the queries are unfilled StaticCache slots). A decode step (one query) is faster chunked
     # anyway: one (H, K) bias row instead of extended copies of the whole cache.
-    column_trick_exact = isinstance(provider, AlibiBias) and masks.causal and not extras
+    column_trick_exact = isinstance(provider, AlibiBias) and masks.causal and not extras and masks.window is None
     column_trick_exact = column_trick_exact and query.dtype == torch.float32 and query.shape[2] > 1
     if column_trick_exact and _query_meets_key(masks, 0) and masks.positions_rise():  # False while compiling
         keep = None if masks.mask is None else masks.key_padding()  # padding only: a second column masks it
@@ -918,6 +973,7 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     provider, extras, masks = _call(module, attention_mask, kwargs)
+    query = tempered(module, query, masks)
     if extras.sinks is not None:
         raise ValueError("attn_implementation 'posenc_flex' cannot take attention sinks (s_aux); use 'posenc_sdpa'")
     if query.device.type == "cpu" and torch.is_grad_enabled() and query.requires_grad:
@@ -959,22 +1015,32 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
             row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
             return score + table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
 
+    shift, window = q_offset - kv_offset, masks.window
     if masks.mask is not None:
         allowed = masks.mask
 
         def mask_mod(b, h, q_index, kv_index):
             return allowed[b if allowed.shape[0] > 1 else 0, 0, q_index, kv_index]
 
-        block_mask = create_block_mask(mask_mod, allowed.shape[0], None, q_length, k_length, device=query.device)
     elif masks.causal:
-        shift = q_offset - kv_offset
 
         def mask_mod(b, h, q_index, kv_index):
             return q_index + shift >= kv_index
 
-        block_mask = create_block_mask(mask_mod, None, None, q_length, k_length, device=query.device)
     else:
+        mask_mod = None
+    if window is not None:  # a per-layer pattern's sliding window, on top (as ScoreBiasMask.block)
+        inner = mask_mod
+
+        def mask_mod(b, h, q_index, kv_index):
+            near = (q_index + shift - kv_index).abs() < window
+            return near if inner is None else near & inner(b, h, q_index, kv_index)
+
+    if mask_mod is None:
         block_mask = None
+    else:
+        rows = masks.mask.shape[0] if masks.mask is not None else None
+        block_mask = create_block_mask(mask_mod, rows, None, q_length, k_length, device=query.device)
     function = _compiled_flex() if FLEX_COMPILE else flex_attention
     output = function(
         query,
@@ -1008,6 +1074,7 @@ def flash_applies(query, provider, masks: ScoreBiasMask, extras: ScoreExtras = S
     return (
         isinstance(provider, AlibiBias)
         and masks.mask is None
+        and masks.window is None
         and masks.q_ids is None  # the kernel measures distances by index
         and query.device.type == "cuda"
         and query.dtype in (torch.float16, torch.bfloat16)
@@ -1021,6 +1088,7 @@ def flash_applies(query, provider, masks: ScoreBiasMask, extras: ScoreExtras = S
 def posenc_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flash-attn with `alibi_slopes`: the bias is computed inside the kernel (ALiBi only)."""
     provider, extras, masks = _call(module, attention_mask, kwargs)
+    query = tempered(module, query, masks)
     if not flash_applies(query, provider, masks, extras):
         raise ValueError(
             "attn_implementation 'posenc_flash' runs ALiBi on CUDA in fp16/bf16 without a padding mask, window, "
@@ -1065,6 +1133,8 @@ def choose_path(
       slower than the column trick and needs a compiler.
     """
     value_dim = query.shape[-1] if value_dim is None else value_dim
+    if provider is _NO_BIAS and masks.window is None and not extras:
+        return "sdpa"  # a pattern's layer without a bias or window: plain SDPA (its flash/cuDNN kernels on CUDA)
     if query.device.type == "cuda":
         if flash_available and flash_applies(query, provider, masks, extras):
             return "flash"
@@ -1084,6 +1154,7 @@ def posenc_auto_attention(module, query, key, value, attention_mask, dropout=0.0
 def posenc_eager_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Textbook attention with the bias: the reference. Scores and softmax in float32; returns the weights."""
     provider, extras, masks = _call(module, attention_mask, kwargs)
+    query = tempered(module, query, masks)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling

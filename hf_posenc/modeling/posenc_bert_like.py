@@ -21,18 +21,20 @@ from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attentio
 from .posenc_layers import (
     CACHE_KWARGS,
     LearnedPositionEmbedding,
-    PairRotaryEmbedding,
     ZeroPositionEmbedding,
     attend,
     bind_arguments,
     cache_of,
     default_position_ids,
     input_position_module,
+    install_layer_entries,
+    plugin_rotaries,
+    plugin_tables,
     publish,
     rotate_then_cache,
     upgrade,
 )
-from .posenc_schemes import get_scheme, stock_class_of
+from .posenc_schemes import stock_class_of
 
 
 class RotatingSelfAttentionMixin:
@@ -77,7 +79,6 @@ class BertLikeAdapter:
 
     def install_posenc(self) -> None:
         config, posenc = self.config, self.config.posenc
-        site = get_scheme(posenc["type"]).site
         refuse_bias_with_cross_attention(config)
         embeddings = self.embeddings
         stock_table = embeddings.position_embeddings
@@ -88,9 +89,12 @@ class BertLikeAdapter:
                 posenc, config.hidden_size, embeddings.word_embeddings, padding_idx=stock_table.padding_idx
             )
             embeddings.position_embeddings = table if table is not None else ZeroPositionEmbedding()
-        self.rotary_emb = PairRotaryEmbedding(config) if site == "rotation" else None
+        self.rotary_emb, self.posenc_extra_rotaries = plugin_rotaries(config)
         for attention in self._self_attentions():
             upgrade(attention, rotating_class(type(attention)))
+        if posenc["type"] == "layers":
+            install_layer_entries(self, list(self.encoder.layer), [], config.num_attention_heads)
+            return
         attentions = self._self_attentions()
         providers = score_bias_modules(posenc, config.num_attention_heads, len(attentions))
         attach_score_bias(self, [[attention] for attention in attentions], providers)
@@ -110,15 +114,19 @@ class BertLikeAdapter:
         if token_type_ids is None:
             shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=position_ids.device)
+        self.posenc_tables = [] if self.config.posenc["type"] == "layers" else None
         if self.rotary_emb is not None:
-            kwargs["position_embeddings"] = self.rotary_emb(self.embeddings.word_embeddings.weight, position_ids)
-        return super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            **kwargs,
-        )
+            kwargs["position_embeddings"] = plugin_tables(self, self.embeddings.word_embeddings.weight, position_ids)
+        try:
+            return super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        finally:
+            self.posenc_tables = None
 
 
 class BertAdapter(BertLikeAdapter):

@@ -30,7 +30,7 @@ from .posenc_layers import (
     keep_stock_signature,
     publish,
 )
-from .posenc_schemes import PosencConfigMixin, stock_class_of
+from .posenc_schemes import PosencConfigMixin, posenc_schemes, stock_class_of
 from .posenc_version import PLUGIN_VERSION
 
 #: model_type -> the adapter of an architecture without a rotary module; every other one takes `RotarySlotAdapter`
@@ -117,7 +117,8 @@ class FactoryConfigMixin(PosencConfigMixin):
         posenc_model_classes(type(self))
         super().__post_init__(**kwargs)
         for check in SCHEME_CHECKS:
-            check(self.base_model_type, self.posenc["type"])
+            for name in {self.posenc["type"], *(spec["type"] for spec in posenc_schemes(self.posenc))}:
+                check(self.base_model_type, name)  # a pattern, and each of its entries
 
 
 _MODEL_CLASSES: dict[type, dict[str, type]] = {}

@@ -17,17 +17,18 @@ from .posenc_attention import attach_score_bias, refuse_bias_with_cross_attentio
 from .posenc_layers import (
     CACHE_KWARGS,
     LearnedPositionEmbedding,
-    PairRotaryEmbedding,
     ZeroPositionEmbedding,
     attend,
     bind_arguments,
     cache_of,
     default_position_ids,
     input_position_module,
+    install_layer_entries,
+    plugin_rotaries,
+    plugin_tables,
     rotate_then_cache,
     upgrade,
 )
-from .posenc_schemes import get_scheme
 
 
 class PosencGPT2Attention(GPT2Attention):
@@ -88,17 +89,26 @@ class GPT2Adapter:
         else:
             table = input_position_module(posenc, self.embed_dim, self.wte)
             self.wpe = table if table is not None else ZeroPositionEmbedding()
-        self.rotary_emb = PairRotaryEmbedding(self.config) if get_scheme(posenc["type"]).site == "rotation" else None
+        self.rotary_emb, self.posenc_extra_rotaries = plugin_rotaries(self.config)
         for block in self.h:
             upgrade(block.attn, PosencGPT2Attention)
+        if posenc["type"] == "layers":
+            install_layer_entries(self, list(self.h), [], self.config.n_head)
+            return
         providers = score_bias_modules(posenc, self.config.n_head, len(self.h))
         attach_score_bias(self, [[block.attn] for block in self.h], providers)
 
     def forward(self, input_ids=None, position_ids=None, inputs_embeds=None, **kwargs):
         """Every argument by name: the factory gives the class GPT2Model's signature (`keep_stock_signature`)."""
+        self.posenc_tables = [] if self.config.posenc["type"] == "layers" else None
         if self.rotary_emb is not None:
             length = input_ids.shape[-1] if input_ids is not None else inputs_embeds.shape[-2]
             if position_ids is None:
                 position_ids = default_position_ids(length, cache_of(kwargs), self.wte.weight.device)
-            kwargs["position_embeddings"] = self.rotary_emb(self.wte.weight, position_ids)
-        return super().forward(input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+            kwargs["position_embeddings"] = plugin_tables(self, self.wte.weight, position_ids)
+        try:
+            return super().forward(
+                input_ids=input_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
+            )
+        finally:
+            self.posenc_tables = None

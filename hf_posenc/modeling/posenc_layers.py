@@ -40,13 +40,18 @@ from .posenc_attention import (
     bias_per_layer,
     bias_providers,
     kernel_name,
+    score_bias_module,
     score_bias_modules,
 )
 from .posenc_schemes import (
     STOCK_GUARD,
+    entry_scheme,
     get_scheme,
     head_dim_of,
     kernel_of,
+    layer_entries,
+    posenc_schemes,
+    rope_spec_of,
     rotary_dim_of,
     sinusoidal_position_embedding,
     stock_class_of,
@@ -491,13 +496,205 @@ def positioned_input_class(embedding_class: type) -> type:
     return publish(type(name, (PositionedInputMixin, embedding_class), {}), __name__)
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers of a base model, in order: its module list as long as `num_hidden_layers` (`layers` in the Llama
-    pattern, `h` in GPT-2's, `layer` in BERT's); where there is none (HRM runs two stacks of layers in cycles), every
-    outermost module list that holds attention modules, one after the other."""
+class PatternRotaryMixin:
+    """Put in front of a stock rotary module's class (in place, see `upgrade`) under a per-layer pattern that rotates
+    some layers: the stock module computes the pattern's main RoPE (from `rope_parameters`) as ever, and beside it, for
+    the same call, the tables of the layers that rotate otherwise: the identity rotation (`_unrotated`, as
+    `PositionFreeRotaryMixin`) for layers without RoPE, and the output of a rotary module of its own for each other
+    RoPE setting of the pattern (`posenc_extra_rotaries`). Each call's tables are kept for the forward in progress
+    (`posenc_tables`), where the pattern's layers (`PatternLayerMixin`) take theirs."""
 
-    def attends(layer: nn.Module) -> bool:
-        return any("Attention" in type(module).__name__ for module in layer.modules())
+    posenc_calls = 0
+    posenc_identity = False
+    posenc_tables: list | None = None
+
+    def forward(self, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            self.posenc_calls += 1
+        ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+        for provider in getattr(self, "posenc_biases", ()):
+            provider.position_ids = ids  # as PositionFreeRotaryMixin: for models that do not hand them on
+        out = super().forward(*args, **kwargs)
+        tables = {index: extra(*args, **kwargs) for index, extra in enumerate(self.posenc_extra_rotaries)}
+        if self.posenc_identity:
+            if "position_ids" in kwargs:
+                zero_args, zero_kwargs = args, {**kwargs, "position_ids": torch.zeros_like(ids)}
+            else:
+                zero_args, zero_kwargs = (args[0], torch.zeros_like(ids), *args[2:]), kwargs
+            tables["none"] = _unrotated(super().forward(*zero_args, **zero_kwargs))
+        if self.posenc_tables is not None:
+            self.posenc_tables.append((out, tables))
+        return out
+
+
+@functools.cache
+def pattern_rotary_class(rotary_class: type) -> type:
+    name = f"Pattern{rotary_class.__name__}"
+    return publish(type(name, (PatternRotaryMixin, rotary_class), {}), __name__)
+
+
+def _first_tensor(table) -> torch.Tensor | None:
+    if isinstance(table, torch.Tensor):
+        return table
+    if isinstance(table, dict):
+        table = list(table.values())
+    if isinstance(table, (tuple, list)):
+        return next((t for t in map(_first_tensor, table) if t is not None), None)
+    return None
+
+
+class PatternLayerMixin:
+    """Put in front of a decoder layer's class (in place, see `upgrade`) whose pattern entry rotates otherwise than
+    the main RoPE: its `position_embeddings` (the tables the stock model computed for the main RoPE) are swapped for
+    its own, which the pattern's rotary modules computed in the same call (`posenc_rotation`: "none" for the identity
+    rotation, or the index of the entry's RoPE setting), or for None where the adapter's own attention rotates (GPT-2,
+    BERT: no tables, no rotation)."""
+
+    #: swaps made (the adapter checks that a forward made some)
+    posenc_swaps = 0
+
+    def forward(self, *args, **kwargs):
+        tables = kwargs.get("position_embeddings")
+        if tables is None:
+            raise ValueError(
+                f"posenc 'layers': {type(self).__name__} was not handed position_embeddings by keyword, so hf_posenc "
+                "cannot give this layer its own rotation; use one rotation for every layer on this architecture"
+            )
+        if not torch.compiler.is_compiling():
+            self.posenc_swaps += 1
+        kwargs["position_embeddings"] = self._posenc_own_tables(tables)
+        return super().forward(*args, **kwargs)
+
+    def _posenc_own_tables(self, tables):
+        first = _first_tensor(tables)
+        for source in self.posenc_table_sources:
+            for out, own in source.posenc_tables or ():
+                if _first_tensor(out) is first:
+                    return own[self.posenc_rotation]
+        raise ValueError(
+            f"posenc 'layers': the position_embeddings {type(self).__name__} was handed are not the output of a "
+            "rotary module of this forward, so hf_posenc cannot tell which rotation to swap them for"
+        )
+
+
+@functools.cache
+def pattern_layer_class(layer_class: type) -> type:
+    name = f"Pattern{layer_class.__name__}"
+    return publish(type(name, (PatternLayerMixin, layer_class), {}), __name__)
+
+
+def install_layer_entries(base: nn.Module, layers: list[nn.Module], rotaries: list[nn.Module], heads: int) -> None:
+    """Place a per-layer pattern (`posenc={"type": "layers", ...}`) on `layers`, the base model's layers in order:
+
+    - rotation: the stock rotary modules compute the pattern's main RoPE and, where some layer rotates otherwise,
+      the other tables too (`PatternRotaryMixin`); those layers swap theirs in (`PatternLayerMixin`). Architectures
+      whose config states which layers rotate (`no_rope_layers`) are told in the config and need no swap for them;
+    - bias: each bias entry's provider on its layers (one per distinct entry for schemes that share, one per layer
+      for FIRE), none on the others;
+    - every module of layer i gets `posenc_entry` (its window and temperature, which the posenc kernels apply).
+
+    `rotaries` are the stock rotary modules (empty for the hand-written adapters, whose attention rotates by the
+    tables the base model computes: it is their `posenc_tables` source, and "none" means no tables)."""
+    config = base.config
+    layers = attention_layers(config, layers)
+    entries = layer_entries(config.posenc, len(layers))
+    main = rope_spec_of(config.posenc)
+    extras = [spec for spec in posenc_schemes(config.posenc) if spec["type"] == "rope" and spec != main]
+    natively = config.layers_natively()
+    kinds = []
+    for entry in entries:
+        scheme = entry_scheme(entry)
+        if scheme["type"] == "rope":
+            kinds.append("main" if scheme == main else extras.index(scheme))
+        else:
+            kinds.append("main" if natively or main is None else "none")  # main None: the rotaries rotate nothing
+    sources = rotaries if rotaries else [base]
+    if main is not None and rotaries:
+        for rotary in rotaries:
+            upgrade(rotary, pattern_rotary_class(type(rotary)))
+            rotary.posenc_identity = "none" in kinds
+            rotary.posenc_extra_rotaries = nn.ModuleList(extra_rotary(rotary, config, spec) for spec in extras)
+    for layer, kind in zip(layers, kinds):
+        if kind != "main":
+            upgrade(layer, pattern_layer_class(type(layer)))
+            layer.posenc_rotation = kind
+            object.__setattr__(layer, "posenc_table_sources", sources)  # references, not submodules
+    # the bias of each layer: one provider per distinct entry of a scheme that shares, one per layer otherwise
+    shared, providers = {}, []
+    for entry in entries:
+        scheme = entry_scheme(entry)
+        if not bias_per_layer(scheme) and repr(scheme) in shared:
+            providers.append(shared[repr(scheme)])
+            continue
+        provider = score_bias_module(scheme, heads)
+        shared[repr(scheme)] = provider
+        providers.append(provider)
+    attach_score_bias(base, [list(layer.modules()) for layer in layers], providers)
+    native_temperature = config.temperature_natively()
+    for layer, entry in zip(layers, entries):
+        for module in layer.modules():
+            object.__setattr__(module, "posenc_entry", entry)
+            object.__setattr__(module, "posenc_native_temperature", native_temperature)
+    base._posenc_pattern_layers = [layer for layer, kind in zip(layers, kinds) if kind != "main"]
+
+
+def plugin_rotaries(config) -> tuple[nn.Module | None, nn.ModuleList]:
+    """The rotary modules of an adapter whose attention the plugin rotates (GPT-2, BERT): the main RoPE's (None
+    without RoPE) and one for each other RoPE setting of a per-layer pattern."""
+    main = rope_spec_of(config.posenc)
+    if main is None:
+        return None, nn.ModuleList()
+    views = []
+    for spec in posenc_schemes(config.posenc):
+        if spec["type"] == "rope" and spec != main:
+            view = copy.copy(config)
+            view.rope_parameters = config.derived_rope_parameters(spec)
+            views.append(PairRotaryEmbedding(view))
+    return PairRotaryEmbedding(config), nn.ModuleList(views)
+
+
+def plugin_tables(base: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The main RoPE's turns of this forward (`base.rotary_emb`), keeping a pattern's other tables for its layers
+    (`PatternLayerMixin`): None (no rotation) for layers without RoPE, each other RoPE setting's turns."""
+    out = base.rotary_emb(x, position_ids)
+    if base.posenc_tables is not None:
+        tables = {index: extra(x, position_ids) for index, extra in enumerate(base.posenc_extra_rotaries)}
+        base.posenc_tables.append((out, {"none": None, **tables}))
+    return out
+
+
+def attention_layers(config, layers: list[nn.Module]) -> list[nn.Module]:
+    """The layers a pattern runs over: those with softmax attention, leaving out the linear-attention and state-space
+    layers of hybrid models (`layer_types` "linear_attention": Qwen3-Next's DeltaNet, Bamba's Mamba, MiniMax's
+    lightning attention), where no position scheme acts."""
+    layer_types = getattr(config, "layer_types", None)
+    if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(layers):
+        return layers
+    return [layer for layer, kind in zip(layers, layer_types) if kind != "linear_attention"]
+
+
+def extra_rotary(rotary: nn.Module, config, spec: dict) -> nn.Module:
+    """A rotary module of the stock class of `rotary` for another RoPE setting `spec` of a pattern."""
+    view = copy.copy(config)
+    view.rope_parameters = config.derived_rope_parameters(spec)
+    stock = next(c for c in type(rotary).__mro__ if c.__module__.startswith("transformers."))
+    try:
+        return stock(config=view)
+    except TypeError as error:
+        raise ValueError(
+            f"posenc 'layers': {stock.__name__} cannot be built for a second RoPE setting ({error}); on this "
+            "architecture a pattern takes one RoPE setting"
+        ) from error
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers of a base model, in order: its module list of attention-holding modules as long as
+    `num_hidden_layers` (`layers` in the Llama pattern, `h` in GPT-2's, `layer` in BERT's; LongCat-Flash's two
+    attentions of each layer); where there is none (HRM runs two stacks of layers in cycles), every outermost module
+    list that holds attention modules, one after the other."""
+
+    def attends(layer: nn.Module) -> bool:  # an attention module: named so, or numbered for the cache (MLA)
+        return any("Attention" in type(m).__name__ or hasattr(m, "layer_idx") for m in layer.modules())
 
     lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and any(map(attends, m))]
     count = model.config.num_hidden_layers
@@ -550,11 +747,16 @@ class RotarySlotAdapter:
         if self.embed_positions is not None:
             upgrade(embedding, positioned_input_class(type(embedding)))
             object.__setattr__(embedding, "posenc_table", self.embed_positions)  # a reference: saved once, here
-        if get_scheme(posenc["type"]).site != "rotation":
+        rotates = rope_spec_of(posenc) is not None
+        if not rotates:
             for rotary in rotaries:
                 upgrade(rotary, position_free_class(type(rotary)))
-        # the rotary modules a forward must call (a plain list, not submodules: they are registered where they are)
-        self._posenc_rotaries = [] if get_scheme(posenc["type"]).site == "rotation" else rotaries
+        # the rotary modules a forward must call (a plain list, not submodules: they are registered where they are):
+        # the position-free ones, or those computing a pattern's tables
+        self._posenc_rotaries = [] if rotates and posenc["type"] != "layers" else rotaries
+        if posenc["type"] == "layers":
+            install_layer_entries(self, decoder_layers(self), rotaries if rotates else [], config.num_attention_heads)
+            return
         layers = [list(layer.modules()) for layer in decoder_layers(self)] if bias_per_layer(posenc) else [[]]
         attach_score_bias(self, layers, score_bias_modules(posenc, config.num_attention_heads, len(layers)))
 
@@ -575,6 +777,9 @@ class RotarySlotAdapter:
                 embedding = self.get_input_embeddings()
                 embedding.posenc_positions = position_ids
         kwargs.update(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        sources = self._posenc_table_sources()
+        for source in sources:
+            source.posenc_tables = []  # this forward's tables (PatternRotaryMixin)
         try:
             if torch.compiler.is_compiling():
                 return super().forward(**kwargs)
@@ -585,16 +790,32 @@ class RotarySlotAdapter:
         finally:
             if embedding is not None:
                 embedding.posenc_positions = None
+            for source in sources:
+                source.posenc_tables = None
 
-    def _posenc_calls(self) -> tuple[int, int]:
-        """(bias kernel calls, position-free rotary calls) so far: a forward must add to the ones its scheme needs."""
+    def _posenc_table_sources(self) -> list[nn.Module]:
+        """The modules whose tables a pattern's layers swap in (PatternRotaryMixin)."""
+        return [r for r in self._posenc_rotaries if isinstance(r, PatternRotaryMixin)]
+
+    def _posenc_calls(self) -> tuple[int, int, int]:
+        """(bias kernel calls, position-free or pattern rotary calls, pattern layer swaps) so far: a forward must add
+        to the ones its scheme needs."""
         rotary = sum(module.posenc_calls for module in self._posenc_rotaries)
-        return sum(provider.calls for provider in bias_providers(self)), rotary
+        swaps = sum(layer.posenc_swaps for layer in getattr(self, "_posenc_pattern_layers", ()))
+        return sum(provider.calls for provider in bias_providers(self)), rotary, swaps
 
-    def _check_posenc_applied(self, before: tuple[int, int]) -> None:
+    def _check_posenc_applied(self, before: tuple[int, int, int]) -> None:
         """Raise where the forward never reached the site of the scheme: nothing may fail silently."""
-        site = get_scheme(self.config.posenc["type"]).site
-        bias_calls, rotary_calls = (now - then for now, then in zip(self._posenc_calls(), before))
+        posenc = self.config.posenc
+        sites = {get_scheme(spec["type"]).site for spec in posenc_schemes(posenc)}
+        site = "bias" if "bias" in sites else get_scheme(posenc["type"]).site
+        bias_calls, rotary_calls, swaps = (now - then for now, then in zip(self._posenc_calls(), before))
+        if getattr(self, "_posenc_pattern_layers", None) and not swaps:
+            raise ValueError(
+                f"posenc 'layers' gives some layers of {type(self).__name__} a rotation of their own, but none of them "
+                "ran in this forward, so they may have rotated as the others; hf_posenc cannot place this pattern on "
+                "this architecture"
+            )
         if site == "bias" and not bias_calls:
             raise ValueError(
                 f"posenc {self.config.posenc['type']!r} adds its bias in the posenc attention functions, but no "
@@ -602,7 +823,7 @@ class RotarySlotAdapter:
                 f"{self.config._attn_implementation!r}): this architecture does not dispatch attention through "
                 "transformers' AttentionInterface; use learned, sinusoidal, rope or nope"
             )
-        if site != "rotation" and not rotary_calls:
+        if self._posenc_rotaries and not rotary_calls:
             raise ValueError(
                 f"posenc {self.config.posenc['type']!r} removes RoPE by making the rotary modules rotate nothing, but "
                 f"{type(self).__name__} did not call them in this forward, so its rotation may still apply; hf_posenc "
@@ -723,7 +944,7 @@ class PosencPreTrainedMixin:
             attn_implementation = None  # config.json's words for stock classes (handed on by a copied config)
         kernel = kernel_of(attn_implementation)
         if kernel is not None:
-            if get_scheme(scheme).site != "bias":
+            if not self.config.score_kernels():
                 raise ValueError(
                     f"attn_implementation {attn_implementation!r} is for score-bias schemes "
                     f"({', '.join(BIAS_PROVIDERS)}); this "
@@ -735,7 +956,7 @@ class PosencPreTrainedMixin:
                     f"{', '.join(repr('posenc_' + k) for k in BIAS_KERNELS)}"
                 )
             attn_implementation = STOCK_NAMES[kernel]
-        if get_scheme(scheme).site != "bias":
+        if not self.config.score_kernels():
             return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
         kernels = {stock: kernel for kernel, stock in STOCK_NAMES.items()}
         if attn_implementation not in kernels:
@@ -757,7 +978,7 @@ class PosencPreTrainedMixin:
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """`generate` prepares masks in advance for compileable caches (StaticCache); a bias scheme keeps the 2-D mask
         instead, so that each forward's mask function still sees the cache coordinates its bias needs."""
-        if get_scheme(config.posenc["type"]).site == "bias":
+        if config.score_kernels():
             return attention_mask
         return create_masks_for_generate(config, inputs_embeds, attention_mask, *args, **kwargs)
 

@@ -12,6 +12,7 @@ A scheme acts at exactly one *site* of a transformer:
 | `bias`      | alibi, t5_bias, kerple,      | a bias added to the attention scores, from the positions |
 |             | sandwich, fire               | of queries and keys                                      |
 | `none`      | nope                         | no position signal at all                                |
+| `layers`    | layers                       | a pattern of rotation, bias and none schemes over depth  |
 
 Shape legend used in docstrings: B batch, H heads, Q query length, K key/value length, D head dim.
 """
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-SITES = ("embedding", "rotation", "bias", "none")
+SITES = ("embedding", "rotation", "bias", "none", "layers")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -402,6 +403,137 @@ _simple_scheme(
 )
 
 # --------------------------------------------------------------------------------------------------------------------
+# Per-layer mixing
+# --------------------------------------------------------------------------------------------------------------------
+
+#: options a pattern entry adds to its scheme: a sliding window of N keys (any entry), and Llama 4's attention
+#: temperature (NoPE entries)
+LAYER_OPTIONS = ("sliding_window", "attn_temperature_tuning")
+#: transformers' Llama 4 defaults of the temperature (Llama4TextConfig: floor_scale, attn_scale)
+TEMPERATURE_DEFAULTS = {"floor_scale": 8192, "attn_scale": 0.1}
+
+
+def _normalize_temperature(value: Any) -> dict | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        return dict(TEMPERATURE_DEFAULTS)
+    rule = (
+        "True (Llama 4's floor_scale 8192, attn_scale 0.1), False, or a dict with floor_scale (an int >= 1) and "
+        "attn_scale (a number >= 0)"
+    )
+    if not isinstance(value, Mapping) or set(value) - set(TEMPERATURE_DEFAULTS):
+        raise ValueError(f"posenc 'layers': attn_temperature_tuning must be {rule}, got {value!r}")
+    out = {**TEMPERATURE_DEFAULTS, **value}
+    if not _int_at_least(1)(out["floor_scale"]) or not (_is_number(out["attn_scale"]) and out["attn_scale"] >= 0):
+        raise ValueError(f"posenc 'layers': attn_temperature_tuning must be {rule}, got {value!r}")
+    return out
+
+
+def _normalize_layer_entry(index: int, entry: Any, config: Any) -> dict:
+    where = f"posenc 'layers': pattern[{index}]"
+    if isinstance(entry, str):
+        entry = {"type": entry}
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"{where} must be a scheme name or a dict with a 'type' key, got {entry!r}")
+    entry = dict(entry)
+    window = entry.pop("sliding_window", None)
+    temperature = entry.pop("attn_temperature_tuning", None)
+    name = entry.get("type")
+    if name == "layers":
+        raise ValueError(f"{where} is itself a 'layers' pattern; patterns do not nest: list the entries instead")
+    if isinstance(name, str) and name in SCHEMES and SCHEMES[name].site == "embedding":
+        raise ValueError(
+            f"{where} is {name!r}, an input-embedding table, which acts once for the whole model, not per layer: "
+            f"allowed in a pattern are {', '.join(n for n, s in sorted(SCHEMES.items()) if s.site in _PER_LAYER)}; "
+            f"for {name} everywhere use posenc={name!r}"
+        )
+    try:
+        scheme = normalize_posenc(entry, config)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from error
+    if window is not None and not _int_at_least(1)(window):
+        raise ValueError(f"{where}: sliding_window must be an int >= 1 (keys each query sees) or None, got {window!r}")
+    out = {**scheme, "sliding_window": window}
+    temperature = _normalize_temperature(temperature)
+    if scheme["type"] == "nope":
+        out["attn_temperature_tuning"] = temperature
+    elif temperature is not None:
+        raise ValueError(
+            f"{where}: attn_temperature_tuning is Llama 4's temperature of its NoPE layers and goes on a 'nope' entry, "
+            f"not on {scheme['type']!r}"
+        )
+    return out
+
+
+#: the sites a pattern entry may take
+_PER_LAYER = ("rotation", "bias", "none")
+
+
+def _normalize_layers(params: dict, config: Any) -> dict:
+    out = _check_params(
+        "layers",
+        params,
+        {"pattern": Param(_REQUIRED, lambda v: isinstance(v, (list, tuple)) and len(v) > 0, "a non-empty list")},
+    )
+    pattern = [_normalize_layer_entry(i, entry, config) for i, entry in enumerate(out["pattern"])]
+    layers = getattr(config, "num_hidden_layers", None)
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, (list, tuple)) and len(layer_types) == layers:  # hybrids: the attention layers only
+        layers = sum(kind != "linear_attention" for kind in layer_types)
+    if isinstance(layers, int) and len(pattern) > layers:
+        raise ValueError(
+            f"posenc 'layers': the pattern has {len(pattern)} entries but the model {layers} attention layers "
+            "(num_hidden_layers, less linear-attention layers); allowed: a pattern no longer than that, repeated over "
+            "the attention layers"
+        )
+    return {"pattern": pattern}
+
+
+register_scheme(
+    Scheme(
+        "layers",
+        "layers",
+        True,
+        "a pattern of rotation, bias and none schemes repeated over the depth, each entry with an optional sliding "
+        "window (and Llama 4's temperature on NoPE entries)",
+        _normalize_layers,
+    )
+)
+
+
+def layer_entries(posenc: Mapping, num_layers: int) -> list[dict]:
+    """The normalised entry of each of `num_layers` layers: a pattern repeated over the depth (a 4-entry pattern on
+    10 layers gives entries 0-3, 0-3, 0-1), or the one scheme everywhere."""
+    if posenc["type"] != "layers":
+        return [dict(posenc)] * num_layers
+    pattern = posenc["pattern"]
+    return [dict(pattern[i % len(pattern)]) for i in range(num_layers)]
+
+
+def entry_scheme(entry: Mapping) -> dict:
+    """A pattern entry without its layer options: the scheme's own normalised spec."""
+    return {key: value for key, value in entry.items() if key not in LAYER_OPTIONS}
+
+
+def posenc_schemes(posenc: Mapping) -> list[dict]:
+    """The distinct scheme specs a posenc uses: itself, or each distinct entry scheme of a pattern, in order."""
+    if posenc["type"] != "layers":
+        return [dict(posenc)]
+    out = []
+    for entry in posenc["pattern"]:
+        if entry_scheme(entry) not in out:
+            out.append(entry_scheme(entry))
+    return out
+
+
+def rope_spec_of(posenc: Mapping) -> dict | None:
+    """The rope spec a config's `rope_parameters` derive from: the posenc itself under RoPE, a pattern's first RoPE
+    entry (the main one; other RoPE settings of the pattern get rotary modules of their own), or None."""
+    return next((spec for spec in posenc_schemes(posenc) if spec["type"] == "rope"), None)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # RoPE: one scheme, every rope_type transformers ships plus static NTK
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -748,14 +880,20 @@ class PosencConfigMixin:
             kwargs.pop("attn_implementation")  # the guard this config wrote for stock classes, not a user's choice
         super().__post_init__(**kwargs)
         self.posenc = normalize_posenc(self.posenc, self, default=self.native_posenc)
-        if self.posenc["type"] == "rope":
+        spec = rope_spec_of(self.posenc)
+        if self.posenc["type"] == "layers" and isinstance(getattr(self, "no_rope_layers", None), list):
+            # the architecture states which layers rotate (SmolLM3, Llama 4: 1 rotates, 0 does not): the pattern's
+            # RoPE layers are said there, so the stock layers rotate them (and only them) as the stock model would
+            entries = layer_entries(self.posenc, len(self.no_rope_layers))
+            self.no_rope_layers = [int(entry["type"] == "rope") for entry in entries]
+            if self.temperature_natively():  # Llama 4: one temperature, which its NoPE layers apply themselves
+                self._set_native_temperature(entries)
+        if spec is not None:
             self.rope_parameters = self.derived_rope_parameters()
             reference = reference_rope_parameters(self.rope_parameters)
-            known = {"rope_type", *_ROPE_COMMON, *ROPE_TYPE_PARAMS.get(self.posenc["rope_type"], {}), "inner_rope_type"}
+            known = {"rope_type", *_ROPE_COMMON, *ROPE_TYPE_PARAMS.get(spec["rope_type"], {}), "inner_rope_type"}
             # and the settings transformers reads but its validation does not list (it would warn of them)
-            extras = (set(reference) - known) | (
-                set(reference) & _READ_NOT_VALIDATED.get(self.posenc["rope_type"], set())
-            )
+            extras = (set(reference) - known) | (set(reference) & _READ_NOT_VALIDATED.get(spec["rope_type"], set()))
             if extras:  # the architecture's own settings (see _normalize_rope), unknown to the type's validation
                 self.ignore_keys_at_rope_validation = {*(self.ignore_keys_at_rope_validation or ()), *extras}
             stock = stock_class_of(type(self)).__name__
@@ -805,6 +943,14 @@ class PosencConfigMixin:
         scheme = self.posenc["type"]
         if self.posenc == normalize_posenc(self.native_posenc, self):
             return None
+        if scheme == "layers" and self.native_posenc == "rope" and self.layers_natively():
+            entries = self.posenc["pattern"]
+            # the stock layers rotate where no_rope_layers says, with one RoPE setting, and apply nothing else
+            plain = all(e["sliding_window"] is None for e in entries)
+            plain = plain and all(e["type"] in ("rope", "nope") for e in entries)
+            plain = plain and len([s for s in posenc_schemes(self.posenc) if s["type"] == "rope"]) <= 1
+            if plain and not any(e.get("attn_temperature_tuning") for e in entries if not self.temperature_natively()):
+                scheme = "rope"  # then as RoPE: the stock class computes it where it computes the RoPE setting
         if scheme == "rope" and self.native_posenc == "rope":
             types = [p.get("rope_type") for p in _rope_entries(getattr(self, "rope_parameters", None))]
             if all(t in ROPE_INIT_FUNCTIONS or t == "default" for t in types) and not any(
@@ -818,6 +964,43 @@ class PosencConfigMixin:
             "hf_posenc, then the Auto class as usual, e.g. AutoModelForCausalLM.from_pretrained(path); or without "
             "hf_posenc: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
         )
+
+    def _set_native_temperature(self, entries: list[dict]) -> None:
+        temperatures = [e["attn_temperature_tuning"] for e in entries if e["type"] == "nope"]
+        if any(t != temperatures[0] for t in temperatures):
+            raise ValueError(
+                f"posenc 'layers' on {self.base_model_type!r}: its NoPE layers apply one attention temperature, set in "
+                f"its config (attn_temperature_tuning, floor_scale, attn_scale), but the pattern's NoPE entries ask "
+                f"for {temperatures}; allowed: the same attn_temperature_tuning on every NoPE entry"
+            )
+        temperature = temperatures[0] if temperatures else None
+        self.attn_temperature_tuning = temperature is not None
+        if temperature is not None:
+            self.floor_scale, self.attn_scale = temperature["floor_scale"], temperature["attn_scale"]
+
+    def score_kernels(self) -> bool:
+        """Whether the model runs on the posenc attention kernels: a score-bias scheme, or a per-layer pattern with a
+        bias, a sliding window or a temperature the architecture does not apply itself in some entry (its other
+        layers then run on them too, without a bias: plain SDPA where nothing else applies)."""
+        if self.posenc["type"] != "layers":
+            return get_scheme(self.posenc["type"]).site == "bias"
+        native = self.temperature_natively()
+        return any(
+            get_scheme(e["type"]).site == "bias"
+            or e["sliding_window"] is not None
+            or (e.get("attn_temperature_tuning") is not None and not native)
+            for e in self.posenc["pattern"]
+        )
+
+    def layers_natively(self) -> bool:
+        """Whether the architecture's config states which layers rotate (`no_rope_layers`: SmolLM3, Llama 4), so that
+        a pattern's RoPE layers are said there and the stock layers rotate them (see `__post_init__`)."""
+        return self.posenc["type"] == "layers" and isinstance(getattr(self, "no_rope_layers", None), list)
+
+    def temperature_natively(self) -> bool:
+        """Whether the architecture applies Llama 4's temperature to its NoPE layers itself (`attn_temperature_tuning`
+        in its config), so that a pattern's NoPE entries set it there."""
+        return self.layers_natively() and isinstance(getattr(self, "attn_temperature_tuning", None), bool)
 
     def _check_identity_rotation(self) -> None:
         """A scheme other than RoPE keeps the architecture's rotary step as an identity rotation (see
@@ -886,18 +1069,20 @@ class PosencConfigMixin:
             cls._rotates_part = natively and (native.get("partial_rotary_factor") or 1.0) < 1
         return cls._rotates_part
 
-    def derived_rope_parameters(self):
-        """`rope_parameters` as `posenc` (a rope spec) makes them, in the shape this config's own take.
+    def derived_rope_parameters(self, spec: Mapping | None = None):
+        """`rope_parameters` as `posenc` (a rope spec, or a pattern's main RoPE entry) makes them, in the shape this
+        config's own take.
 
         Settings of the architecture's own that the chosen type does not set stay in `rope_parameters` (not in
         `posenc`), since its model may read them whatever the type: Ministral 3's `llama_4_scaling_beta` and
         original length, Cohere's `mrope_section`, PhiMoE's mscales."""
-        flat = hf_rope_parameters(self.posenc, self, self.rotates_part_natively())
+        spec = rope_spec_of(self.posenc) if spec is None else spec
+        flat = hf_rope_parameters(spec, self, self.rotates_part_natively())
         current = getattr(self, "rope_parameters", None)
         layer_types = nested_rope_keys(current)
         if not layer_types:
             return {**_own_settings(current, flat), **flat}
-        if self.posenc == normalize_posenc("rope", self):
+        if spec == normalize_posenc("rope", self):
             return current  # posenc is the native scheme: every layer type keeps its own settings
         # every layer type that rotates gets the RoPE posenc asks for; NoPE layer types (empty entries) stay NoPE
         return {
@@ -913,8 +1098,8 @@ class PosencConfigMixin:
         partial rotation given as `proportional`), in which case the spec's own settings, in the same shape. Read
         against the posenc the config was built with (`rope_parameters` are its), whatever a hand edit made of it."""
         current = getattr(self, "rope_parameters", None)
-        posenc = self.__dict__.get(_BUILT_POSENC) or self.posenc
-        if posenc["type"] != "rope" or posenc == normalize_posenc("rope", self):
+        posenc = rope_spec_of(self.__dict__.get(_BUILT_POSENC) or self.posenc)
+        if posenc is None or posenc == normalize_posenc("rope", self):
             return current
         flat = {k: v for k, v in posenc.items() if k != "type"}
         if flat["rope_type"] == "ntk":  # not a transformers rope_type: hand on the unscaled base
@@ -928,7 +1113,7 @@ class PosencConfigMixin:
         """Refuse `rope_parameters` edited by hand: under RoPE the model would be built from them but reloaded from
         `posenc`; under any other scheme they only set the identity rotation, so the edit would change nothing."""
         self.check_posenc()
-        if self.posenc["type"] != "rope":
+        if rope_spec_of(self.posenc) is None:
             built = self.__dict__.get(_BUILT_ROPE)
             if _BUILT_ROPE in self.__dict__ and getattr(self, "rope_parameters", None) != built:
                 raise ValueError(

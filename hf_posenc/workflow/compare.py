@@ -4,10 +4,16 @@ Small models of one architecture that differ only in their scheme train on the s
 same steps at a training length L; each is then scored on the same held-out text at L, 2L, 4L, ... Length-scaling
 variants are applied at evaluation time, without retraining: RoPE with PI (linear), NTK, dynamic NTK and YaRN at
 factor N/L, and ALiBi with its slopes multiplied by L/N and by N/L.
+
+Recalibration arms take a trained model, convert it to another scheme (`from_pretrained(..., posenc=...)` in
+memory: the weights kept, a new scheme's own parameters initialised) and score it as converted and again after N
+fine-tuning steps at the training length: RoPE to NoPE (DroPE), to ALiBi, to p-RoPE, to a per-layer NoPE mix, to
+YaRN (whose fine-tune is Position Interpolation's recipe at this scale).
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import dataclasses
@@ -25,11 +31,36 @@ from tqdm.auto import tqdm
 
 from .. import __version__, archs
 from ..auto import with_posenc
-from ..modeling.posenc_schemes import SCHEMES, normalize_posenc
+from ..modeling.posenc_schemes import LAYER_OPTIONS, SCHEMES, entry_scheme, normalize_posenc
 from .data import ByteTokenizer, read_text, train_validation_split
 from .evaluation import perplexity
 
 logger = logging.getLogger(__name__)
+
+
+#: the default schemes: every scheme, and RoPE with NoPE every 4th layer (SmolLM3, Llama 4) as a pattern
+DEFAULT_SCHEMES = (
+    "learned",
+    "sinusoidal",
+    "rope",
+    "alibi",
+    "t5_bias",
+    "kerple",
+    "sandwich",
+    "fire",
+    "nope",
+    {"type": "layers", "pattern": ["rope", "rope", "rope", "nope"]},
+)
+#: the default recalibration arms: a RoPE model converted and fine-tuned briefly (DroPE removes RoPE after training;
+#: YaRN's factor reaches the longest default evaluation length, 16L)
+DEFAULT_RECALIBRATION = (
+    {"from": "rope", "to": "nope", "steps": 100},
+    {"from": "rope", "to": "alibi", "steps": 100},
+    {"from": "rope", "to": {"type": "rope", "rope_type": "proportional", "partial_rotary_factor": 0.25}, "steps": 100},
+    {"from": "rope", "to": {"type": "layers", "pattern": ["rope", "rope", "rope", "nope"]}, "steps": 100},
+    {"from": "rope", "to": {"type": "rope", "rope_type": "yarn", "factor": 16.0}, "steps": 100},
+)
+RECALIBRATION_KEYS = ("from", "to", "steps")
 
 
 @dataclass
@@ -37,7 +68,9 @@ class CompareConfig:
     """Everything one comparison depends on (the defaults run on 2 CPU cores in under 15 minutes, no download)."""
 
     arch: str = "gpt2"
-    schemes: list[str | dict] = field(default_factory=lambda: ["learned", "sinusoidal", "rope", "alibi", "t5_bias"])
+    schemes: list[str | dict] = field(
+        default_factory=lambda: [dict(s) if isinstance(s, dict) else s for s in DEFAULT_SCHEMES]
+    )
     train_length: int = 64
     eval_multiples: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     steps: int = 600
@@ -52,6 +85,10 @@ class CompareConfig:
     eval_tokens: int = 16384
     scaling_variants: bool = True
     extrapolation_tolerance: float = 1.1
+    #: recalibration arms: {"from": a trained scheme, "to": the scheme to convert it to, "steps": fine-tuning steps};
+    #: None: the default arms (`DEFAULT_RECALIBRATION`) whose `from` is among `schemes`; [] for none
+    recalibrate: list[dict] | None = None
+    recalibrate_learning_rate: float = 5e-4
     seed: int = 0
     out: str = "runs/compare"
 
@@ -68,6 +105,7 @@ class CompareConfig:
             if name not in SCHEMES:
                 raise ValueError(f"schemes: unknown scheme {name!r}; allowed: {', '.join(sorted(SCHEMES))}")
             archs.check_scheme(self.arch, scheme)  # before any training: a refused site names its reason now
+        self._validate_recalibration()
         for key in ("train_length", "steps", "batch_size", "layers", "hidden_size", "heads", "eval_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -86,6 +124,56 @@ class CompareConfig:
                 f"eval_tokens ({self.eval_tokens}) must hold one window of the longest length "
                 f"({self.train_length * self.eval_multiples[-1]})"
             )
+        self.check_specs()
+
+    @property
+    def recalibration_arms(self) -> list[dict]:
+        """The arms to run: `recalibrate`, or by default those of `DEFAULT_RECALIBRATION` that start from a trained
+        scheme."""
+        if self.recalibrate is not None:
+            return self.recalibrate
+        trained = {scheme if isinstance(scheme, str) else scheme.get("type") for scheme in self.schemes}
+        arms = []
+        for arm in DEFAULT_RECALIBRATION:
+            arm = copy.deepcopy(arm)
+            if isinstance(arm["to"], dict) and arm["to"]["type"] == "layers":  # NoPE every 4th layer, or the last
+                arm["to"]["pattern"] = ["rope"] * (min(self.layers, 4) - 1) + ["nope"]
+            if arm["from"] in trained:
+                arms.append(arm)
+        return arms
+
+    def _validate_recalibration(self) -> None:
+        trained = [scheme if isinstance(scheme, str) else scheme.get("type") for scheme in self.schemes]
+        for index, arm in enumerate(self.recalibration_arms):
+            where = f"recalibrate[{index}]"
+            if not isinstance(arm, dict) or set(arm) != set(RECALIBRATION_KEYS):
+                raise ValueError(f"{where} must be a dict with exactly the keys {RECALIBRATION_KEYS}, got {arm!r}")
+            source = arm["from"]
+            if source not in self.schemes and source not in trained:
+                raise ValueError(
+                    f"{where}: 'from' must be one of the trained schemes {self.schemes} (a name or the same dict), "
+                    f"got {source!r}; train it too, or leave the arm out (recalibrate: [] runs none)"
+                )
+            archs.check_scheme(self.arch, arm["to"])
+            name = arm["to"] if isinstance(arm["to"], str) else arm["to"].get("type")
+            if name not in SCHEMES:
+                raise ValueError(f"{where}: unknown scheme {name!r} in 'to'; allowed: {', '.join(sorted(SCHEMES))}")
+            if not isinstance(arm["steps"], int) or isinstance(arm["steps"], bool) or arm["steps"] < 0:
+                raise ValueError(f"{where}: steps must be an int >= 0 (fine-tuning steps), got {arm['steps']!r}")
+        if self.recalibrate_learning_rate <= 0:
+            raise ValueError(f"recalibrate_learning_rate must be > 0, got {self.recalibrate_learning_rate}")
+
+    def check_specs(self) -> None:
+        """Every scheme and recalibration target against the model it will be built on, before any training: a
+        pattern longer than the model or a refused setting fails now, naming it."""
+        stock = tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length)
+        for where, spec in [("schemes", s) for s in self.schemes] + [
+            (f"recalibrate[{i}].to", arm["to"]) for i, arm in enumerate(self.recalibration_arms)
+        ]:
+            try:
+                with_posenc(stock, spec)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from error
 
     @property
     def eval_lengths(self) -> list[int]:
@@ -110,6 +198,12 @@ def tiny_config(arch: str, layers: int, hidden: int, heads: int, max_positions: 
 
 def label(spec: dict, config) -> str:
     """A short name for a normalised scheme: its type plus the parameters that differ from its defaults on `config`."""
+    if spec["type"] == "layers":  # its entries, each with its window or temperature where it has one
+        entries = []
+        for entry in spec["pattern"]:
+            options = "".join(f" {k}={v}" for k, v in entry.items() if k in LAYER_OPTIONS and v is not None)
+            entries.append(label(entry_scheme(entry), config) + options)
+        return f"layers [{', '.join(entries)}]"
     defaults = normalize_posenc(spec["type"], config)
     return spec["type"] + "".join(f" {k}={v}" for k, v in spec.items() if k != "type" and defaults.get(k) != v)
 
@@ -253,6 +347,8 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
         )
     stock = tiny_config(config.arch, config.layers, config.hidden_size, config.heads, config.train_length)
     results = {"config": dataclasses.asdict(config), "schemes": [], "environment": environment(device)}
+    trained = {}  # the normalised spec of each trained scheme -> its model's weights, for the recalibration arms
+    sources = [arm["from"] for arm in config.recalibration_arms]
     for scheme in config.schemes:
         posenc_config = with_posenc(stock, scheme)
         spec, name = posenc_config.posenc, label(posenc_config.posenc, stock)
@@ -261,14 +357,69 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
         logger.info("training %s", name)
         stats = train(model, train_tokens, config, device, desc=f"train {name}")
         evaluation = evaluate_scheme(model, spec, held_out, config)
-        results["schemes"].append({"name": name, "posenc": spec, **stats, "eval": evaluation})
-        tqdm.write(
-            f"{name:<24} loss {stats['train_loss']:.3f}  "
-            + "  ".join(
-                f"ppl@{n} {'past table' if p is None else f'{p:.2f}'}" for n, p in evaluation["as trained"].items()
-            )
-        )
+        _report(results, {"name": name, "posenc": spec, **stats, "eval": evaluation})
+        if scheme in sources or spec["type"] in sources:
+            trained[repr(spec)] = (posenc_config, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        del model
+    for arm in config.recalibration_arms:
+        for row in recalibrate(arm, trained, stock, train_tokens, held_out, config, device):
+            _report(results, row)
     return results
+
+
+def _report(results: dict, row: dict) -> None:
+    results["schemes"].append(row)
+    tqdm.write(
+        f"{row['name']:<24} loss {row['train_loss']:.3f}  "
+        + "  ".join(
+            f"ppl@{n} {'past table' if p is None else f'{p:.2f}'}" for n, p in row["eval"]["as trained"].items()
+        )
+    )
+
+
+def recalibrate(arm: dict, trained: dict, stock, train_tokens, held_out, config: CompareConfig, device) -> list[dict]:
+    """One recalibration arm: the trained `from` model converted to `to` (its weights kept, the new scheme's own
+    parameters initialised as a conversion of a checkpoint initialises them), scored as converted, then fine-tuned
+    `steps` steps at the training length (at `recalibrate_learning_rate`, on the training text) and scored again.
+    Rows: "<from> -> <to> (0 steps)" and "(<steps> steps)"."""
+    from transformers import AutoModelForCausalLM
+
+    source = normalize_posenc(arm["from"], stock)
+    matches = [key for key in trained if key == repr(with_posenc(stock, arm["from"]).posenc)]
+    posenc_config, state = trained[matches[0]]
+    target = with_posenc(posenc_config, arm["to"])
+    name = f"{label(source, stock)} -> {label(target.posenc, stock)}"
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_config(target).to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    logger.info(
+        "%s: kept %d tensors, initialised %s, dropped %s", name, len(state) - len(unexpected), missing, unexpected
+    )
+    quiet = dataclasses.replace(config, scaling_variants=False)
+    rows = []
+    tune = dataclasses.replace(
+        config,
+        steps=arm["steps"],
+        learning_rate=config.recalibrate_learning_rate,
+        warmup_steps=min(10, arm["steps"]),
+        seed=config.seed + 1,  # other windows of the training text than the training drew
+    )
+    for steps in sorted({0, arm["steps"]}):
+        stats = {"train_loss": float("nan"), "tokens_per_s": float("nan"), "peak_memory_mib": float("nan")}
+        if steps:
+            stats = train(model, train_tokens, tune, device, desc=f"recalibrate {name}")
+        stats["params"] = sum(p.numel() for p in model.parameters())
+        evaluation = evaluate_scheme(model, target.posenc, held_out, quiet)
+        rows.append(
+            {
+                "name": f"{name} ({steps} steps)",
+                "posenc": target.posenc,
+                "recalibration": arm,
+                **stats,
+                "eval": evaluation,
+            }
+        )
+    return rows
 
 
 def environment(device: torch.device) -> dict:
