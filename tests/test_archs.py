@@ -197,14 +197,20 @@ def test_layer_pattern(arch):
         assert (logits(model.eval(), x, position_ids=shuffled) - base).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left_padded"])
-@pytest.mark.parametrize(
-    "scheme",
-    # FIRE with a threshold inside the test lengths: a bias of the query's own position, which a decode step must get
-    # and a per-layer pattern (RoPE, then windowed Sandwich; test_layer_pattern has KERPLE)
-    ["alibi", "rope", {"type": "fire", "hidden": 8, "init_threshold": 6}, "layers"],
-    ids=["alibi", "rope", "fire", "layers"],
-)
+#: (scheme, left-padded) pairs: FIRE with a threshold inside the test lengths (a bias of the query's own position,
+#: which a decode step must get) and a per-layer pattern (RoPE, then windowed Sandwich; test_layer_pattern has
+#: KERPLE) run left-padded only, the harder case (unpadded in tests/test_contract.py)
+GENERATE_CASES = {
+    "alibi-unpadded": ("alibi", False),
+    "alibi-left_padded": ("alibi", True),
+    "rope-unpadded": ("rope", False),
+    "rope-left_padded": ("rope", True),
+    "fire-left_padded": ({"type": "fire", "hidden": 8, "init_threshold": 6}, True),
+    "layers-left_padded": ("layers", True),
+}
+
+
+@pytest.mark.parametrize(("scheme", "padded"), list(GENERATE_CASES.values()), ids=list(GENERATE_CASES))
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_matches_full_forward(arch, scheme, padded):
     name = scheme if isinstance(scheme, str) else scheme["type"]

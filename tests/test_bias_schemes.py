@@ -83,17 +83,31 @@ def test_kerple_log_and_power_match_the_paper():
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_kerple_initialisation_and_constraint_gradients():
-    """The paper's starting ranges per variant; the clamp passes the gradient (a parameter at the floor can move
-    back); the power variant's exponent has a finite gradient at distance 0."""
+def test_kerple_initialisation_and_projection():
+    """The paper's starting ranges per variant; parameters an optimizer step pushed past a bound are projected back
+    onto it before the next attention call uses them (so the next step in the other direction moves them off it at
+    once, as the paper's projection); the power variant's exponent has a finite gradient at distance 0."""
     torch.manual_seed(0)
     log, power = KerpleBias(512, "log"), KerpleBias(512, "power")
     for r, high in ((log.r1, 2), (log.r2, 1), (power.r1, 1), (power.r2, 2)):
         assert 0 <= r.min() and r.max() <= high and r.max() > 0.9 * high
-    with torch.no_grad():
-        power.r1.fill_(-1.0)  # below the floor
-    power(torch.arange(6), torch.arange(6)).sum().backward()
-    for r in (power.r1, power.r2):
+    provider = KerpleBias(4, "power")
+    optimizer = torch.optim.SGD(provider.parameters(), lr=1.0)
+    query, key, value = (torch.randn(1, 4, 16, 8) for _ in range(3))
+    masks = masks_case("causal", 16)
+    for direction, steps in ((1.0, 6), (-1.0, 1)):  # push r1 down past 0.01 and r2 up past 2, then back once
+        for _ in range(steps):
+            out, _ = posenc_sdpa_attention(Attention(provider), query, key, value, masks, scaling=0.3)
+            (direction * (provider.r1.sum() - provider.r2.sum()) + 0 * out.sum()).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        posenc_sdpa_attention(Attention(provider), query, key, value, masks, scaling=0.3)
+        if direction > 0:
+            assert torch.equal(provider.r1.detach(), torch.full((4,), 0.01))
+            assert torch.equal(provider.r2.detach(), torch.full((4,), 2.0))
+    assert torch.allclose(provider.r1.detach(), torch.full((4,), 1.01)) and (provider.r2 < 2).all()
+    provider(torch.arange(6), torch.arange(6)).sum().backward()
+    for r in (provider.r1, provider.r2):
         assert torch.isfinite(r.grad).all() and (r.grad != 0).all()
 
 

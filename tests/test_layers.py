@@ -263,3 +263,59 @@ def test_training_step_and_compile():
         expected = model(x).logits
         compiled = torch.compile(model, fullgraph=True, backend="eager")(x).logits
     torch.testing.assert_close(compiled, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [["kerple", "rope"], ["t5_bias", "nope", "t5_bias", "nope"], [{"type": "fire", "shared": True}, "alibi", "fire"]],
+)
+def test_shared_providers_save_once(tmp_path, entries):
+    """A learned bias shared by several layers of a pattern is registered once (under its first layer), so the
+    folder saves (no tensor under two names) and reloads bit for bit."""
+    model = llama(pattern(*entries))
+    names = [n for n in model.state_dict() if "position_bias" in n]
+    assert len(names) == len({id(t) for n, t in model.state_dict().items() if "position_bias" in n})
+    model.save_pretrained(tmp_path)
+    x = tokens()
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(tmp_path).eval(), x), logits(model, x))
+
+
+def test_layer_types_follow_the_native_pattern():
+    """Where the stock config derives `layer_types` from `no_rope_layers` (Llama 4's RoPE layers are chunked,
+    SmolLM3's NoPE layers slide), a pattern written into no_rope_layers gets the layer types the stock config gives
+    that no_rope_layers, and the stock model with it computes the same logits."""
+    smol = dict(LLAMA, no_rope_layers=[1, 1, 1, 0], use_sliding_window=True, sliding_window=4)
+    layered = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model("smollm3", **smol), posenc=pattern("nope", "rope")
+    ).eval()
+    fresh = AutoConfig.for_model("smollm3", **smol | {"no_rope_layers": [0, 1, 0, 1]})
+    assert layered.config.layer_types == fresh.layer_types == ["sliding_attention", "full_attention"] * 2
+    stock = AutoModelForCausalLM.from_config(fresh).eval()
+    stock.load_state_dict(layered.state_dict())
+    x = tokens(length=20)
+    assert torch.equal(logits(layered, x), logits(stock, x))
+    overrides = dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0])
+    config = archs.small_config("llama4_text", vocab_size=VOCAB, pad_token_id=0, **archs.TEST_SIZE | overrides)
+    llama4 = AutoModelForCausalLM.from_config(copy.deepcopy(config), posenc=pattern("nope", "rope"))
+    assert llama4.config.layer_types == ["full_attention", "chunked_attention"] * 2
+
+
+def test_hybrid_layers_without_attention_are_skipped():
+    """On LFM2 (convolution layers between attention layers) a pattern's entries and FIRE's per-layer MLPs go to the
+    attention layers only, so each entry acts."""
+    config = AutoConfig.for_model(
+        "lfm2", **{k: v for k, v in LLAMA.items() if k != "rope_parameters"} | dict(num_hidden_layers=6),
+        full_attn_idxs=[1, 3, 5],
+    )  # fmt: skip
+    assert config.layer_types == ["conv", "full_attention"] * 3
+    torch.manual_seed(0)
+    rope = AutoModelForCausalLM.from_config(copy.deepcopy(config), posenc="rope").eval()
+    x = tokens()
+    for spec in (pattern("nope", "rope"), pattern({"type": "rope", "sliding_window": 2}, "rope")):
+        model = AutoModelForCausalLM.from_config(copy.deepcopy(config), posenc=spec).eval()
+        model.load_state_dict(rope.state_dict())
+        assert (logits(model, x) - logits(rope, x)).abs().max() > 1e-3, spec
+    fire = AutoModelForCausalLM.from_config(copy.deepcopy(config), posenc="fire")
+    assert sorted({n.split(".")[2] for n, _ in fire.named_parameters() if "position_bias" in n}) == ["0", "1", "2"]
+    fire(x, labels=x).loss.backward()
+    assert all(p.grad is not None for n, p in fire.named_parameters() if "position_bias" in n)

@@ -126,6 +126,81 @@ def test_compare_end_to_end(tmp_path):
     assert saved["environment"]["hf_posenc"]
 
 
+def test_recalibration_arms(tmp_path):
+    """A trained RoPE model converted to NoPE, to a one-entry pattern and to KERPLE: scored as converted (a pattern
+    of RoPE alone is the trained model: the same scores) and after fine-tuning (which moves them); each arm's rows
+    are named with their steps."""
+    arms = [
+        {"from": "rope", "to": "nope", "steps": 4},
+        {"from": "rope", "to": {"type": "layers", "pattern": ["rope"]}, "steps": 0},
+        {"from": "rope", "to": "kerple", "steps": 3},
+    ]
+    config = load_config(
+        CompareConfig, overrides=TINY | {"schemes": ["rope"], "recalibrate": arms, "out": str(tmp_path)}
+    )
+    results = run_compare(config)
+    rows = {row["name"]: row for row in results["schemes"]}
+    assert list(rows) == [
+        "rope",
+        "rope -> nope (0 steps)",
+        "rope -> nope (4 steps)",
+        "rope -> layers [rope] (0 steps)",
+        "rope -> kerple (0 steps)",
+        "rope -> kerple (3 steps)",
+    ]
+    rope = rows["rope"]["eval"]["as trained"]
+    assert rows["rope -> layers [rope] (0 steps)"]["eval"]["as trained"] == rope  # converted, nothing changed
+    converted, tuned = rows["rope -> nope (0 steps)"]["eval"]["as trained"], rows["rope -> nope (4 steps)"]
+    assert converted != rope and tuned["eval"]["as trained"] != converted and tuned["tokens_per_s"] > 0
+    # an arm names its source by type where one trained scheme has it
+    typed = TINY | {"schemes": [{"type": "rope", "rope_theta": 500.0}], "recalibrate": [arms[0]]}
+    assert load_config(CompareConfig, overrides=typed).source_index("rope") == 0
+    # the default arms follow the schemes: none without rope, a pattern no longer than the model
+    assert load_config(CompareConfig, overrides=TINY | {"schemes": ["alibi"]}).recalibration_arms == []
+    layered = [a for a in CompareConfig(layers=2).recalibration_arms if isinstance(a["to"], dict)]
+    assert {"type": "layers", "pattern": ["rope", "nope"]} in [a["to"] for a in layered]
+
+
+@pytest.mark.parametrize(
+    ("arm", "message"),
+    [
+        ({"from": "alibi", "to": "nope", "steps": 1}, r"recalibrate\[0\]: 'from' must be one of the trained"),
+        ({"from": "rope", "to": "nope"}, r"recalibrate\[0\] must be a dict with exactly the keys"),
+        ({"from": "rope", "to": "nope", "steps": -1}, "steps must be an int >= 0"),
+        ({"from": "rope", "to": "nopee", "steps": 1}, r"recalibrate\[0\]: unknown scheme 'nopee' in 'to'"),
+        (
+            {"from": "rope", "to": {"type": "layers", "pattern": ["rope"] * 9}, "steps": 1},
+            r"recalibrate\[0\].to:.*9 entries",
+        ),
+    ],
+)
+def test_bad_recalibration(arm, message):
+    """A bad arm fails before any training, naming it."""
+    with pytest.raises(ValueError, match=message):
+        load_config(CompareConfig, overrides=TINY | {"schemes": ["rope"], "recalibrate": [arm]})
+
+
+def test_bias_parameters_learn_at_their_own_rate():
+    """compare's optimizer gives the score biases' own parameters (position_bias) the multiplied learning rate."""
+    from hf_posenc.workflow import compare
+
+    config = load_config(CompareConfig, overrides=TINY | {"schemes": ["t5_bias"], "steps": 1})
+    model = build("llama", "t5_bias")
+    seen = {}
+    original = torch.optim.AdamW.__init__
+
+    def spy(self, groups, **kwargs):
+        seen["groups"] = [(len(g["params"]), g.get("lr", kwargs["lr"])) for g in groups]
+        original(self, groups, **kwargs)
+
+    tokens = torch.randint(0, 96, (500,))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "__init__", spy)
+        compare.train(model, tokens, config, torch.device("cpu"), "t5")
+    rest, bias = seen["groups"]
+    assert bias == (1, config.learning_rate * config.bias_learning_rate_multiplier) and rest[1] == config.learning_rate
+
+
 def test_compare_cli(tmp_path, capsys):
     """`hf-posenc compare` takes flags and key=value overrides and prints the table; a bad key exits 2."""
     overrides = [f"{k}={v}" for k, v in TINY.items()]

@@ -83,6 +83,9 @@ class RelativeBias(nn.Module):
         """Relative positions `key - query` of any shape S -> (H, *S) float32 bias."""
         raise NotImplementedError
 
+    def before_call(self) -> None:
+        """Called by every posenc kernel before it uses the provider (KERPLE projects its parameters here)."""
+
     def check_heads(self, heads: int | None) -> None:
         """A provider with parameters per head serves calls of that many heads only."""
         if heads is not None and heads != self.num_heads:
@@ -194,10 +197,9 @@ class KerpleBias(RelativeBias):
     r1, r2 per head, one set for the whole model (the paper's code builds one module and hands it to every layer).
 
     As in the paper's code (chijames/KERPLE): both are kept at least 0.01, the power variant's exponent r2 at most 2
-    (past it the kernel is no longer conditionally positive definite); log starts with r1 uniform in (0, 2) and r2 in
-    (0, 1), power with r1 in (0, 1) and the exponent r2 in (0, 2). The paper projects the parameters after each step;
-    here the clamp is in the forward with its gradient passed through, so a parameter at a bound can move back as
-    under the projection, and an optimizer knows nothing of it (Trainer, PEFT and torch.compile need no hook)."""
+    (past it the kernel is no longer conditionally positive definite), by projecting them into that range in place
+    at the start of each forward (`project`; an optimizer needs no hook); log starts with r1 uniform in (0, 2) and r2
+    in (0, 1), power with r1 in (0, 1) and the exponent r2 in (0, 2)."""
 
     scheme = "kerple"
     EPS = 1e-2
@@ -218,11 +220,23 @@ class KerpleBias(RelativeBias):
         init.uniform_(self.r2, 0.0, 1.0 if log else 2.0)
 
     def constrained(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(r1, r2) as the bias uses them: clamped into the paper's range, the gradient passing the clamp."""
+        """(r1, r2) as the bias uses them: clamped into the paper's range (where `before_call` has projected them
+        already; traced code, which does not project in place, uses the clamped values)."""
         high = 2.0 if self.variant == "power" else None
-        r1 = self.r1 + (self.r1.clamp(min=self.EPS) - self.r1).detach()
-        r2 = self.r2 + (self.r2.clamp(min=self.EPS, max=high) - self.r2).detach()
-        return r1.float(), r2.float()
+        return self.r1.clamp(min=self.EPS).float(), self.r2.clamp(min=self.EPS, max=high).float()
+
+    def before_call(self) -> None:
+        """The paper's projection: parameters outside the range are set to its bound, in place, before an attention
+        call uses them (the paper's code does it at the start of each forward), so that after an optimizer step
+        pushed one past a bound, the next gradient in the other direction moves it back at once. Only where a value
+        is out of range: the first call of a forward projects, before any graph holds the parameters."""
+        if torch.compiler.is_compiling():
+            return
+        high = 2.0 if self.variant == "power" else None
+        with torch.no_grad():
+            for param, upper in ((self.r1, None), (self.r2, high)):
+                if bool((param < self.EPS).any()) or (upper is not None and bool((param > upper).any())):
+                    param.clamp_(min=self.EPS, max=upper)
 
     def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
         self.check_heads(heads)
@@ -392,15 +406,20 @@ def attach_score_bias(owner: nn.Module, layers: list[list[nn.Module]], providers
     theirs: `layers[i]` are the modules of layer i (its attention module among them), `providers[i]` its provider.
 
     One provider for every layer is `owner.position_bias` (T5's table: `position_bias.relative_attention_bias`) and
-    reaches every module of `owner`; providers per layer are `owner.position_bias[str(i)]`. Every module of `owner`
-    also gets `posenc_biases`, the distinct providers, whose position ids the rotary modules set for each forward."""
+    reaches every module of `owner`; otherwise each distinct provider is `owner.position_bias[str(i)]` for the first
+    layer i that uses it (once: the layers after it that share it hold a reference). Every module of `owner` also gets
+    `posenc_biases`, the distinct providers, whose position ids the rotary modules set for each forward."""
     distinct = list({id(p): p for p in providers if p is not None}.values())
     if not distinct or (len(distinct) == 1 and all(p is not None for p in providers)):  # none, or one for all
         owner.position_bias = distinct[0] if distinct else None
         layers = [list(owner.modules())]
         providers = providers[:1]
     else:
-        owner.position_bias = nn.ModuleDict({str(i): p for i, p in enumerate(providers) if p is not None})
+        first = {}
+        for index, provider in enumerate(providers):
+            if provider is not None:
+                first.setdefault(id(provider), (index, provider))
+        owner.position_bias = nn.ModuleDict({str(index): provider for index, provider in first.values()})
     for module in owner.modules():
         object.__setattr__(module, "posenc_biases", tuple(distinct))
     for modules, provider in zip(layers, providers):
@@ -659,6 +678,7 @@ def _call(
         )
     if count and not torch.compiler.is_compiling():
         provider.calls += 1
+    provider.before_call()
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))
     own = getattr(module, "is_causal", None)
     causal = own if isinstance(own, bool) else attention_mask.causal
@@ -1088,6 +1108,8 @@ def flash_applies(query, provider, masks: ScoreBiasMask, extras: ScoreExtras = S
 def posenc_flash_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flash-attn with `alibi_slopes`: the bias is computed inside the kernel (ALiBi only)."""
     provider, extras, masks = _call(module, attention_mask, kwargs)
+    if provider is _NO_BIAS:  # a pattern's layer without a bias (flash-attn has no window of ours): SDPA's kernels
+        return posenc_sdpa_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     query = tempered(module, query, masks)
     if not flash_applies(query, provider, masks, extras):
         raise ValueError(

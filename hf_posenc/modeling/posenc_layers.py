@@ -54,6 +54,7 @@ from .posenc_schemes import (
     rope_spec_of,
     rotary_dim_of,
     sinusoidal_position_embedding,
+    softmax_attention_kind,
     stock_class_of,
 )
 
@@ -85,18 +86,20 @@ class SinusoidalPositionEmbedding(nn.Module):
     Its output takes the dtype of the token embedding it is added to, so a bf16 model stays bf16.
     """
 
-    def __init__(self, dim: int, base: float, token_embedding: nn.Embedding):
+    def __init__(self, dim: int, base: float, token_embedding: nn.Embedding, scale: float = 1.0):
         super().__init__()
-        self.dim, self.base = dim, base
+        self.dim, self.base, self.scale = dim, base, scale
         # a reference, not a submodule: the token table is owned (and saved) by the model
         object.__setattr__(self, "_token_embedding", token_embedding)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, dim)
         table = sinusoidal_position_embedding(position_ids, self.dim, self.base)
+        if self.scale != 1.0:
+            table = table * self.scale
         return table.to(self._token_embedding.weight.dtype)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base}"
+        return f"dim={self.dim}, base={self.base}, scale={self.scale}"
 
 
 class ZeroPositionEmbedding(nn.Module):
@@ -115,7 +118,7 @@ def input_position_module(
     if posenc["type"] == "learned":
         return LearnedPositionEmbedding(posenc["num_positions"], dim, padding_idx=padding_idx)
     if posenc["type"] == "sinusoidal":
-        return SinusoidalPositionEmbedding(dim, posenc["base"], token_embedding)
+        return SinusoidalPositionEmbedding(dim, posenc["base"], token_embedding, posenc["scale"])
     if get_scheme(posenc["type"]).site == "embedding":
         raise NotImplementedError(f"no input-embedding module for posenc {posenc['type']!r}")
     return None
@@ -664,13 +667,13 @@ def plugin_tables(base: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) 
 
 
 def attention_layers(config, layers: list[nn.Module]) -> list[nn.Module]:
-    """The layers a pattern runs over: those with softmax attention, leaving out the linear-attention and state-space
-    layers of hybrid models (`layer_types` "linear_attention": Qwen3-Next's DeltaNet, Bamba's Mamba, MiniMax's
-    lightning attention), where no position scheme acts."""
+    """The layers a pattern (or a bias learned per layer) runs over: those with softmax attention, leaving out the
+    linear-attention, convolution, state-space and MLP layers of hybrid models (`softmax_attention_kind`: Qwen3-Next's
+    DeltaNet, Bamba's Mamba, MiniMax's lightning attention, LFM2's convolutions), where no position scheme acts."""
     layer_types = getattr(config, "layer_types", None)
     if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(layers):
         return layers
-    return [layer for layer, kind in zip(layers, layer_types) if kind != "linear_attention"]
+    return [layer for layer, kind in zip(layers, layer_types) if softmax_attention_kind(kind)]
 
 
 def extra_rotary(rotary: nn.Module, config, spec: dict) -> nn.Module:
@@ -757,7 +760,10 @@ class RotarySlotAdapter:
         if posenc["type"] == "layers":
             install_layer_entries(self, decoder_layers(self), rotaries if rotates else [], config.num_attention_heads)
             return
-        layers = [list(layer.modules()) for layer in decoder_layers(self)] if bias_per_layer(posenc) else [[]]
+        per_layer = bias_per_layer(posenc)
+        layers = (
+            [list(layer.modules()) for layer in attention_layers(config, decoder_layers(self))] if per_layer else [[]]
+        )
         attach_score_bias(self, layers, score_bias_modules(posenc, config.num_attention_heads, len(layers)))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):

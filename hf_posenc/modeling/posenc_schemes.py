@@ -300,8 +300,13 @@ _simple_scheme(
     "sinusoidal",
     "embedding",
     False,
-    "fixed sine/cosine table of Vaswani et al. (interleaved layout), not trained",
-    {"base": Param(10000.0, _positive, "a number > 0")},
+    "fixed sine/cosine table of Vaswani et al. (interleaved layout), not trained; scale multiplies it",
+    {
+        "base": Param(10000.0, _positive, "a number > 0"),
+        # the table has amplitude 1 (norm sqrt(d/2)) against token embeddings drawn at std 0.02: 1/sqrt(d) keeps
+        # position from swamping the tokens (measured in the README's compare); 1 is the paper's table
+        "scale": Param(1.0, _positive, "a number > 0 (the table's factor; 1 is Vaswani et al.'s table)"),
+    },
 )
 _simple_scheme("nope", "none", True, "no position signal at all (causal masking alone)", {})
 
@@ -480,12 +485,12 @@ def _normalize_layers(params: dict, config: Any) -> dict:
     layers = getattr(config, "num_hidden_layers", None)
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == layers:  # hybrids: the attention layers only
-        layers = sum(kind != "linear_attention" for kind in layer_types)
+        layers = sum(map(softmax_attention_kind, layer_types))
     if isinstance(layers, int) and len(pattern) > layers:
         raise ValueError(
             f"posenc 'layers': the pattern has {len(pattern)} entries but the model {layers} attention layers "
-            "(num_hidden_layers, less linear-attention layers); allowed: a pattern no longer than that, repeated over "
-            "the attention layers"
+            "(num_hidden_layers, less linear-attention, convolution or MLP layers); allowed: a pattern no longer than "
+            "that, repeated over the attention layers"
         )
     return {"pattern": pattern}
 
@@ -500,6 +505,15 @@ register_scheme(
         _normalize_layers,
     )
 )
+
+
+def softmax_attention_kind(kind: Any) -> bool:
+    """Whether a `layer_types` entry is a layer with softmax attention, where position schemes act ("full_attention",
+    "sliding_attention", "chunked_attention", Falcon-H1's "hybrid" attention-and-Mamba layers, ...), rather than a
+    linear-attention, convolution, Mamba or MLP layer ("linear_attention", LFM2's "conv", Nemotron-H's "mlp")."""
+    if not isinstance(kind, str):
+        return True
+    return kind.startswith("hybrid") or (kind.endswith("attention") and kind != "linear_attention")
 
 
 def layer_entries(posenc: Mapping, num_layers: int) -> list[dict]:
@@ -885,7 +899,10 @@ class PosencConfigMixin:
             # the architecture states which layers rotate (SmolLM3, Llama 4: 1 rotates, 0 does not): the pattern's
             # RoPE layers are said there, so the stock layers rotate them (and only them) as the stock model would
             entries = layer_entries(self.posenc, len(self.no_rope_layers))
-            self.no_rope_layers = [int(entry["type"] == "rope") for entry in entries]
+            rotating = [int(entry["type"] == "rope") for entry in entries]
+            if rotating != list(self.no_rope_layers):
+                self.layer_types = self._layer_types_for(rotating)
+                self.no_rope_layers = rotating
             if self.temperature_natively():  # Llama 4: one temperature, which its NoPE layers apply themselves
                 self._set_native_temperature(entries)
         if spec is not None:
@@ -964,6 +981,22 @@ class PosencConfigMixin:
             "hf_posenc, then the Auto class as usual, e.g. AutoModelForCausalLM.from_pretrained(path); or without "
             "hf_posenc: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
         )
+
+    def _layer_types_for(self, no_rope_layers: list[int]):
+        """`layer_types` with another `no_rope_layers`: where the stock config derives them from it (Llama 4's RoPE
+        layers are chunked, SmolLM3's NoPE layers slide when `use_sliding_window`), derived again by the stock config
+        from the new one; kept where they were given (not what the stock config derives)."""
+        current = getattr(self, "layer_types", None)
+        stock = stock_class_of(type(self))
+        fields = {field.name for field in dataclasses.fields(stock)}
+        if "layer_types" not in fields:
+            return current
+        settings = {name: getattr(self, name) for name in fields if name in self.__dict__}
+
+        def derived(rotating):
+            return stock(**{**settings, "no_rope_layers": list(rotating), "layer_types": None}).layer_types
+
+        return derived(no_rope_layers) if current == derived(self.no_rope_layers) else current
 
     def _set_native_temperature(self, entries: list[dict]) -> None:
         temperatures = [e["attn_temperature_tuning"] for e in entries if e["type"] == "nope"]

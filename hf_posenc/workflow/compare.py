@@ -8,7 +8,7 @@ factor N/L, and ALiBi with its slopes multiplied by L/N and by N/L.
 Recalibration arms take a trained model, convert it to another scheme (`from_pretrained(..., posenc=...)` in
 memory: the weights kept, a new scheme's own parameters initialised) and score it as converted and again after N
 fine-tuning steps at the training length: RoPE to NoPE (DroPE), to ALiBi, to p-RoPE, to a per-layer NoPE mix, to
-YaRN (whose fine-tune is Position Interpolation's recipe at this scale).
+Position Interpolation (linear) and to YaRN (PI's finding: a short fine-tune recovers what the conversion loses).
 """
 
 from __future__ import annotations
@@ -38,13 +38,17 @@ from .evaluation import perplexity
 logger = logging.getLogger(__name__)
 
 
-#: the default schemes: every scheme, and RoPE with NoPE every 4th layer (SmolLM3, Llama 4) as a pattern
+#: the default schemes: every scheme, and RoPE with NoPE every 4th layer (SmolLM3, Llama 4) as a pattern. Set so
+#: that each is fair at the default size (width 128, 4 heads, L = 64; measured, see the README): the sinusoidal table
+#: at 1/sqrt(width) (at amplitude 1 it swamps token embeddings drawn at std 0.02); ALiBi's max_bias 2, so that the
+#: weakest of 4 heads still biases distance L by 16 (at 8 its slope 2**-8 gives 0.25: that head is NoPE at L); T5's
+#: max_distance = L, so that every bucket is trained at length L
 DEFAULT_SCHEMES = (
     "learned",
-    "sinusoidal",
+    {"type": "sinusoidal", "scale": 128**-0.5},
     "rope",
-    "alibi",
-    "t5_bias",
+    {"type": "alibi", "max_bias": 2.0},
+    {"type": "t5_bias", "max_distance": 64},
     "kerple",
     "sandwich",
     "fire",
@@ -52,12 +56,13 @@ DEFAULT_SCHEMES = (
     {"type": "layers", "pattern": ["rope", "rope", "rope", "nope"]},
 )
 #: the default recalibration arms: a RoPE model converted and fine-tuned briefly (DroPE removes RoPE after training;
-#: YaRN's factor reaches the longest default evaluation length, 16L)
+#: Position Interpolation (linear) and YaRN at the factor that reaches the longest default evaluation length, 16L)
 DEFAULT_RECALIBRATION = (
     {"from": "rope", "to": "nope", "steps": 100},
     {"from": "rope", "to": "alibi", "steps": 100},
     {"from": "rope", "to": {"type": "rope", "rope_type": "proportional", "partial_rotary_factor": 0.25}, "steps": 100},
     {"from": "rope", "to": {"type": "layers", "pattern": ["rope", "rope", "rope", "nope"]}, "steps": 100},
+    {"from": "rope", "to": {"type": "rope", "rope_type": "linear", "factor": 16.0}, "steps": 100},
     {"from": "rope", "to": {"type": "rope", "rope_type": "yarn", "factor": 16.0}, "steps": 100},
 )
 RECALIBRATION_KEYS = ("from", "to", "steps")
@@ -89,6 +94,10 @@ class CompareConfig:
     #: None: the default arms (`DEFAULT_RECALIBRATION`) whose `from` is among `schemes`; [] for none
     recalibrate: list[dict] | None = None
     recalibrate_learning_rate: float = 5e-4
+    #: learning rate of the score biases' own parameters (`position_bias`: T5's table, KERPLE's, FIRE's) relative to
+    #: `learning_rate`: a table of a few numbers per head, shared by every layer, moves about one learning rate per
+    #: AdamW step, which at the default budget leaves T5's table too flat to act (README)
+    bias_learning_rate_multiplier: float = 10.0
     seed: int = 0
     out: str = "runs/compare"
 
@@ -132,27 +141,36 @@ class CompareConfig:
         scheme."""
         if self.recalibrate is not None:
             return self.recalibrate
-        trained = {scheme if isinstance(scheme, str) else scheme.get("type") for scheme in self.schemes}
         arms = []
         for arm in DEFAULT_RECALIBRATION:
             arm = copy.deepcopy(arm)
             if isinstance(arm["to"], dict) and arm["to"]["type"] == "layers":  # NoPE every 4th layer, or the last
                 arm["to"]["pattern"] = ["rope"] * (min(self.layers, 4) - 1) + ["nope"]
-            if arm["from"] in trained:
+            if self.source_index(arm["from"]) is not None:
                 arms.append(arm)
         return arms
 
+    def source_index(self, source) -> int | None:
+        """The index in `schemes` of the scheme a recalibration arm starts from: the entry equal to `source`, else the
+        one entry of its type (a name "rope" for {"type": "rope", "rope_theta": 500}); None if there is none or
+        several."""
+        if source in self.schemes:
+            return self.schemes.index(source)
+        name = source if isinstance(source, str) else source.get("type") if isinstance(source, dict) else None
+        of_type = [i for i, s in enumerate(self.schemes) if (s if isinstance(s, str) else s.get("type")) == name]
+        return of_type[0] if len(of_type) == 1 and isinstance(source, str) else None
+
     def _validate_recalibration(self) -> None:
-        trained = [scheme if isinstance(scheme, str) else scheme.get("type") for scheme in self.schemes]
         for index, arm in enumerate(self.recalibration_arms):
             where = f"recalibrate[{index}]"
             if not isinstance(arm, dict) or set(arm) != set(RECALIBRATION_KEYS):
                 raise ValueError(f"{where} must be a dict with exactly the keys {RECALIBRATION_KEYS}, got {arm!r}")
             source = arm["from"]
-            if source not in self.schemes and source not in trained:
+            if self.source_index(source) is None:
                 raise ValueError(
-                    f"{where}: 'from' must be one of the trained schemes {self.schemes} (a name or the same dict), "
-                    f"got {source!r}; train it too, or leave the arm out (recalibrate: [] runs none)"
+                    f"{where}: 'from' must be one of the trained schemes {self.schemes} (the same entry, or the name "
+                    f"of the one scheme of that type), got {source!r}; train it too, or leave the arm out "
+                    "(recalibrate: [] runs none)"
                 )
             archs.check_scheme(self.arch, arm["to"])
             name = arm["to"] if isinstance(arm["to"], str) else arm["to"].get("type")
@@ -162,6 +180,8 @@ class CompareConfig:
                 raise ValueError(f"{where}: steps must be an int >= 0 (fine-tuning steps), got {arm['steps']!r}")
         if self.recalibrate_learning_rate <= 0:
             raise ValueError(f"recalibrate_learning_rate must be > 0, got {self.recalibrate_learning_rate}")
+        if self.bias_learning_rate_multiplier <= 0:
+            raise ValueError(f"bias_learning_rate_multiplier must be > 0, got {self.bias_learning_rate_multiplier}")
 
     def check_specs(self) -> None:
         """Every scheme and recalibration target against the model it will be built on, before any training: a
@@ -205,7 +225,8 @@ def label(spec: dict, config) -> str:
             entries.append(label(entry_scheme(entry), config) + options)
         return f"layers [{', '.join(entries)}]"
     defaults = normalize_posenc(spec["type"], config)
-    return spec["type"] + "".join(f" {k}={v}" for k, v in spec.items() if k != "type" and defaults.get(k) != v)
+    shown = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in spec.items() if defaults.get(k) != v}
+    return spec["type"] + "".join(f" {k}={v}" for k, v in shown.items() if k != "type")
 
 
 class PeakMemory:
@@ -246,7 +267,17 @@ def train(model, tokens: torch.Tensor, config: CompareConfig, device: torch.devi
     """AdamW with linear warm-up and cosine decay on random windows of `tokens`; the batches depend only on the seed,
     so every scheme sees the same data."""
     generator = torch.Generator().manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.01)
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if "position_bias" not in n]},
+        {
+            "params": [p for n, p in named if "position_bias" in n],
+            "lr": config.learning_rate * config.bias_learning_rate_multiplier,
+        },
+    ]
+    optimizer = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.01
+    )
 
     def lr_factor(step):
         if step < config.warmup_steps:
@@ -347,9 +378,9 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
         )
     stock = tiny_config(config.arch, config.layers, config.hidden_size, config.heads, config.train_length)
     results = {"config": dataclasses.asdict(config), "schemes": [], "environment": environment(device)}
-    trained = {}  # the normalised spec of each trained scheme -> its model's weights, for the recalibration arms
-    sources = [arm["from"] for arm in config.recalibration_arms]
-    for scheme in config.schemes:
+    trained = {}  # the index of each trained scheme an arm starts from -> its config and weights
+    sources = {config.source_index(arm["from"]) for arm in config.recalibration_arms}
+    for index, scheme in enumerate(config.schemes):
         posenc_config = with_posenc(stock, scheme)
         spec, name = posenc_config.posenc, label(posenc_config.posenc, stock)
         torch.manual_seed(config.seed)  # the same initial weights wherever the schemes share parameters
@@ -358,8 +389,8 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
         stats = train(model, train_tokens, config, device, desc=f"train {name}")
         evaluation = evaluate_scheme(model, spec, held_out, config)
         _report(results, {"name": name, "posenc": spec, **stats, "eval": evaluation})
-        if scheme in sources or spec["type"] in sources:
-            trained[repr(spec)] = (posenc_config, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        if index in sources:
+            trained[index] = (posenc_config, {k: v.detach().clone() for k, v in model.state_dict().items()})
         del model
     for arm in config.recalibration_arms:
         for row in recalibrate(arm, trained, stock, train_tokens, held_out, config, device):
@@ -384,11 +415,9 @@ def recalibrate(arm: dict, trained: dict, stock, train_tokens, held_out, config:
     Rows: "<from> -> <to> (0 steps)" and "(<steps> steps)"."""
     from transformers import AutoModelForCausalLM
 
-    source = normalize_posenc(arm["from"], stock)
-    matches = [key for key in trained if key == repr(with_posenc(stock, arm["from"]).posenc)]
-    posenc_config, state = trained[matches[0]]
+    posenc_config, state = trained[config.source_index(arm["from"])]
     target = with_posenc(posenc_config, arm["to"])
-    name = f"{label(source, stock)} -> {label(target.posenc, stock)}"
+    name = f"{label(posenc_config.posenc, stock)} -> {label(target.posenc, stock)}"
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_config(target).to(device)
     missing, unexpected = model.load_state_dict(state, strict=False)
