@@ -393,12 +393,20 @@ def reads_rope_parameters(model_type: str) -> bool:
     return source is None or "rope_parameters" in source
 
 
-def takes(model_type: str, scheme: str) -> bool:
-    """Whether the architecture takes the scheme (it is supported and does not refuse the scheme's site)."""
+def takes(model_type: str, scheme) -> bool:
+    """Whether the architecture takes the scheme, a name or a spec (it is supported and refuses none of the spec's
+    sites, a pattern's entries included: `check_scheme`)."""
     from .modeling.posenc_schemes import get_scheme
 
-    supported = status(model_type)[0] in (VERIFIED_STATUS, UNTRIED_STATUS)
-    return supported and get_scheme(scheme).site not in refused_sites(model_type)
+    if status(model_type)[0] not in (VERIFIED_STATUS, UNTRIED_STATUS):
+        return False
+    if isinstance(scheme, str):
+        return get_scheme(scheme).site not in refused_sites(model_type)
+    try:
+        check_scheme(model_type, scheme)
+    except ValueError:
+        return False
+    return True
 
 
 #: the shape of the contract suite's models (tests/test_archs.py): sharp attention (std 0.2), so that the effect of a
@@ -427,6 +435,10 @@ def small_config(model_type: str, layers=2, hidden=32, heads=4, kv_heads=None, i
     if isinstance(getattr(CONFIG_MAPPING[model_type], "head_dim", None), property):  # derived, not set (Falcon)
         del shape["head_dim"]
     overrides = copy.deepcopy(VERIFIED.get(model_type, {}))  # configs edit lists and dicts they are given in place
+    depth = overrides.get("num_hidden_layers", layers)
+    for key, value in overrides.items():  # per-layer lists (layer_types, ...) repeated over the depth asked for
+        if key.endswith("layer_types") and isinstance(value, list) and value and len(value) != depth:
+            overrides[key] = [value[i % len(value)] for i in range(depth)]
     config = AutoConfig.for_model(model_type, **{**shape, **overrides, **kw})
     pad, vocab = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
     if isinstance(pad, int) and isinstance(vocab, int) and pad >= vocab:  # a full-size default, past a small vocab

@@ -24,6 +24,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 
 import hf_posenc
 from hf_posenc import archs
+from hf_posenc.modeling.posenc_schemes import softmax_attention_kind
 
 VOCAB, T = 96, 10
 #: the architectures of the smoke subset (`pytest -m smoke`, run on every supported transformers release): the
@@ -161,6 +162,19 @@ def test_every_scheme_changes_the_function(arch):
         )
 
 
+FIRE = {"type": "fire", "hidden": 8, "init_threshold": 6}
+
+
+def fire_kerple(arch: str) -> dict:
+    """FIRE (per layer, a bias of the query's own position) then KERPLE (shared) as a pattern over the attention
+    layers; uniform FIRE where the architecture refuses patterns or has one attention layer (a hybrid)."""
+    layer_types = getattr(tiny(arch), "layer_types", None) or ()
+    single = sum(map(softmax_attention_kind, layer_types)) == 1
+    if not archs.takes(arch, "layers") or single:
+        return FIRE
+    return {"type": "layers", "pattern": [FIRE, {"type": "kerple", "variant": "power"}]}
+
+
 def arch_pattern(arch: str, bias: str = "kerple") -> dict | None:
     """A per-layer pattern of RoPE and a windowed `bias` (NoPE where the architecture refuses biases), over its
     attention layers (a hybrid's tiny config has one: then RoPE with the window)."""
@@ -168,7 +182,7 @@ def arch_pattern(arch: str, bias: str = "kerple") -> dict | None:
         return None
     other = {"type": bias, "sliding_window": 4} if archs.takes(arch, bias) else "nope"
     layer_types = getattr(tiny(arch), "layer_types", None) or ()
-    if sum(kind != "linear_attention" for kind in layer_types) == 1:
+    if sum(map(softmax_attention_kind, layer_types)) == 1:
         return {"type": "layers", "pattern": [{"type": "rope", "sliding_window": 4}]}
     return {"type": "layers", "pattern": ["rope", other]}
 
@@ -197,15 +211,15 @@ def test_layer_pattern(arch):
         assert (logits(model.eval(), x, position_ids=shuffled) - base).abs().max() > 1e-3
 
 
-#: (scheme, left-padded) pairs: FIRE with a threshold inside the test lengths (a bias of the query's own position,
-#: which a decode step must get) and a per-layer pattern (RoPE, then windowed Sandwich; test_layer_pattern has
-#: KERPLE) run left-padded only, the harder case (unpadded in tests/test_contract.py)
+#: (scheme, left-padded) pairs. FIRE with a threshold inside the test lengths (a bias of the query's own position,
+#: which a decode step must get) then KERPLE, as a pattern (uniform FIRE where patterns are refused), and a pattern of
+#: RoPE then windowed Sandwich run left-padded only, the harder case (unpadded in tests/test_contract.py)
 GENERATE_CASES = {
     "alibi-unpadded": ("alibi", False),
     "alibi-left_padded": ("alibi", True),
     "rope-unpadded": ("rope", False),
     "rope-left_padded": ("rope", True),
-    "fire-left_padded": ({"type": "fire", "hidden": 8, "init_threshold": 6}, True),
+    "fire-kerple-left_padded": ("fire-kerple", True),
     "layers-left_padded": ("layers", True),
 }
 
@@ -214,6 +228,8 @@ GENERATE_CASES = {
 @pytest.mark.parametrize("arch", DECODERS)
 def test_generate_matches_full_forward(arch, scheme, padded):
     name = scheme if isinstance(scheme, str) else scheme["type"]
+    if name == "fire-kerple":
+        name, scheme = "fire", fire_kerple(arch)
     if name == "layers":
         scheme = arch_pattern(arch, "sandwich")
         if scheme is None:
@@ -259,9 +275,9 @@ def test_save_load_and_convert(arch, tmp_path):
             again = auto_class(arch).from_pretrained(tmp_path / "scaled").eval()
             assert again.config.posenc == scaled.config.posenc
             assert torch.equal(logits(again, x), logits(scaled, x))
-    # a bias learned per layer (FIRE): one provider per layer, each saved and reloaded
+    # a bias learned per layer (FIRE) and one shared by layers (KERPLE), in a pattern: each saved once and reloaded
     if archs.takes(arch, "fire"):
-        fire = build(arch, "fire")
+        fire = build(arch, fire_kerple(arch))
         fire.save_pretrained(tmp_path / "fire")
         assert torch.equal(logits(auto_class(arch).from_pretrained(tmp_path / "fire").eval(), x), logits(fire, x))
     # the model pickles whole (torch.save), its classes made at run time included

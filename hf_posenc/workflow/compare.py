@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__, archs
 from ..auto import with_posenc
-from ..modeling.posenc_schemes import LAYER_OPTIONS, SCHEMES, entry_scheme, normalize_posenc
+from ..modeling.posenc_schemes import LAYER_OPTIONS, SCHEMES, entry_scheme, normalize_posenc, softmax_attention_kind
 from .data import ByteTokenizer, read_text, train_validation_split
 from .evaluation import perplexity
 
@@ -55,6 +55,8 @@ DEFAULT_SCHEMES = (
     "nope",
     {"type": "layers", "pattern": ["rope", "rope", "rope", "nope"]},
 )
+#: the default pattern, which fits itself to a model with fewer attention layers (`CompareConfig.nope_every_4th`)
+DEFAULT_PATTERN = DEFAULT_SCHEMES[-1]
 #: the default recalibration arms: a RoPE model converted and fine-tuned briefly (DroPE removes RoPE after training;
 #: Position Interpolation (linear) and YaRN at the factor that reaches the longest default evaluation length, 16L)
 DEFAULT_RECALIBRATION = (
@@ -102,6 +104,8 @@ class CompareConfig:
     out: str = "runs/compare"
 
     def validate(self) -> None:
+        if self.schemes and DEFAULT_PATTERN in self.schemes and self.arch in archs.decoders():
+            self.schemes[self.schemes.index(DEFAULT_PATTERN)] = self.nope_every_4th()  # fitted to the model
         if self.arch not in archs.decoders():
             raise ValueError(
                 f"compare trains causal LMs: arch must be a verified decoder, one of {', '.join(archs.decoders())}; "
@@ -138,17 +142,36 @@ class CompareConfig:
     @property
     def recalibration_arms(self) -> list[dict]:
         """The arms to run: `recalibrate`, or by default those of `DEFAULT_RECALIBRATION` that start from a trained
-        scheme."""
+        scheme and go to one the architecture takes."""
         if self.recalibrate is not None:
             return self.recalibrate
         arms = []
         for arm in DEFAULT_RECALIBRATION:
             arm = copy.deepcopy(arm)
-            if isinstance(arm["to"], dict) and arm["to"]["type"] == "layers":  # NoPE every 4th layer, or the last
-                arm["to"]["pattern"] = ["rope"] * (min(self.layers, 4) - 1) + ["nope"]
-            if self.source_index(arm["from"]) is not None:
-                arms.append(arm)
+            if arm["to"] == DEFAULT_PATTERN:
+                arm["to"] = self.nope_every_4th()
+            if self.source_index(arm["from"]) is not None and self._builds(arm["to"]):
+                arms.append(arm)  # the default arms the architecture takes (an explicit arm is checked strictly)
         return arms
+
+    def _builds(self, spec) -> bool:
+        """Whether this config's model takes `spec` (its site, and settings its config accepts: Phi-3 takes
+        longrope only)."""
+        if not archs.takes(self.arch, spec):
+            return False
+        try:
+            with_posenc(tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length), spec)
+        except ValueError:
+            return False
+        return True
+
+    def nope_every_4th(self) -> dict:
+        """The default pattern (RoPE with NoPE every 4th layer) on this config's model: with fewer than 4 attention
+        layers (a small or hybrid model), RoPE on all but the last."""
+        stock = tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length)
+        layer_types = getattr(stock, "layer_types", None) or [None] * self.layers
+        attention = sum(map(softmax_attention_kind, layer_types))
+        return {"type": "layers", "pattern": ["rope"] * (min(attention, 4) - 1) + ["nope"]}
 
     def source_index(self, source) -> int | None:
         """The index in `schemes` of the scheme a recalibration arm starts from: the entry equal to `source`, else the
