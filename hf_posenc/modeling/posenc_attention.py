@@ -183,7 +183,8 @@ def _by_table(relative: torch.Tensor, function) -> torch.Tensor:
     """`function(distances)` (H, N) evaluated once per distinct distance of `relative` and gathered to (H, *S): the
     bias of a (Q, K) block costs Q + K - 1 evaluations instead of Q * K. Traced code evaluates every element (no
     host-side lengths)."""
-    if torch.compiler.is_compiling() or relative.numel() < 2:
+    if torch.compiler.is_compiling() or relative.numel() < 2 or relative.shape[:-1].numel() == 1:
+        # traced, or a single row of distances (the chunked path's and flex's tables): already one per distance
         return function(relative.reshape(-1)).reshape(-1, *relative.shape)
     low, high = int(relative.min()), int(relative.max())
     table = function(torch.arange(low, high + 1, device=relative.device))  # (H, high - low + 1)
@@ -198,7 +199,7 @@ class KerpleBias(RelativeBias):
 
     As in the paper's code (chijames/KERPLE): both are kept at least 0.01, the power variant's exponent r2 at most 2
     (past it the kernel is no longer conditionally positive definite), by projecting them into that range in place
-    at the start of each forward (`project`; an optimizer needs no hook); log starts with r1 uniform in (0, 2) and r2
+    before each attention call (`before_call`; an optimizer needs no hook); log starts with r1 uniform in (0, 2) and r2
     in (0, 1), power with r1 in (0, 1) and the exponent r2 in (0, 2)."""
 
     scheme = "kerple"
@@ -222,8 +223,12 @@ class KerpleBias(RelativeBias):
     def constrained(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r1, r2) as the bias uses them: clamped into the paper's range (where `before_call` has projected them
         already; traced code, which does not project in place, uses the clamped values)."""
-        high = 2.0 if self.variant == "power" else None
-        return self.r1.clamp(min=self.EPS).float(), self.r2.clamp(min=self.EPS, max=high).float()
+        return self.r1.clamp(min=self.EPS).float(), self.r2.clamp(min=self.EPS, max=self.r2_max).float()
+
+    @property
+    def r2_max(self) -> float | None:
+        """The power variant's exponent stays at most 2; the log variant's r2 has no upper bound."""
+        return 2.0 if self.variant == "power" else None
 
     def before_call(self) -> None:
         """The paper's projection: parameters outside the range are set to its bound, in place, before an attention
@@ -232,9 +237,8 @@ class KerpleBias(RelativeBias):
         is out of range: the first call of a forward projects, before any graph holds the parameters."""
         if torch.compiler.is_compiling():
             return
-        high = 2.0 if self.variant == "power" else None
         with torch.no_grad():
-            for param, upper in ((self.r1, None), (self.r2, high)):
+            for param, upper in ((self.r1, None), (self.r2, self.r2_max)):
                 if bool((param < self.EPS).any()) or (upper is not None and bool((param > upper).any())):
                     param.clamp_(min=self.EPS, max=upper)
 
@@ -1011,13 +1015,11 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     if not provider.distance_only:  # a bias of the query's own position too (FIRE): computed inside the score_mod
         provider.check_heads(heads)
 
-        def score_mod(score, b, h, q_index, kv_index):
-            if softcap is not None:
-                score = torch.tanh(score / softcap) * softcap
+        def bias_at(b, h, q_index, kv_index):
             if q_ids is None:
-                return score + provider.score_mod_bias(h, q_index + q_offset, kv_index + kv_offset, causal)
+                return provider.score_mod_bias(h, q_index + q_offset, kv_index + kv_offset, causal)
             row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
-            return score + provider.score_mod_bias(h, q_ids[row, q_index], kv_ids[row, kv_index], causal)
+            return provider.score_mod_bias(h, q_ids[row, q_index], kv_ids[row, kv_index], causal)
 
     else:
         if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_offset - q_offset)
@@ -1027,13 +1029,16 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
             first, last = int(kv_ids.min() - q_ids.max()), int(kv_ids.max() - q_ids.min())
         table = provider.by_distance(torch.arange(first, last + 1, device=query.device), heads, causal)
 
-        def score_mod(score, b, h, q_index, kv_index):
-            if softcap is not None:
-                score = torch.tanh(score / softcap) * softcap
+        def bias_at(b, h, q_index, kv_index):
             if q_ids is None:
-                return score + table[h, kv_index - q_index + (q_length - 1)]
+                return table[h, kv_index - q_index + (q_length - 1)]
             row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
-            return score + table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
+            return table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
+
+    def score_mod(score, b, h, q_index, kv_index):
+        if softcap is not None:
+            score = torch.tanh(score / softcap) * softcap
+        return score + bias_at(b, h, q_index, kv_index)
 
     shift, window = q_offset - kv_offset, masks.window
     if masks.mask is not None:

@@ -50,6 +50,7 @@ from .posenc_schemes import (
     head_dim_of,
     kernel_of,
     layer_entries,
+    other_rope_specs,
     posenc_schemes,
     rope_spec_of,
     rotary_dim_of,
@@ -440,6 +441,26 @@ def _unrotated(at_zero):
     )
 
 
+def _rotary_call_seen(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Count a call of a rotary module the plugin changed (the adapter checks that a forward made some) and hand its
+    position ids to the score biases, which read them in every attention call of this forward, also where the model
+    does not hand its attention the position ids (ModernBERT, Persimmon, ...); set in compiled forwards too, or they
+    would go stale."""
+    if not torch.compiler.is_compiling():
+        module.posenc_calls += 1
+    ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
+    for provider in getattr(module, "posenc_biases", ()):
+        provider.position_ids = ids
+
+
+def _at_position_zero(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A rotary call's arguments with every position id 0 (`forward(x, position_ids, ...)`: the rotary call
+    convention of every release)."""
+    if "position_ids" in kwargs:
+        return args, {**kwargs, "position_ids": torch.zeros_like(kwargs["position_ids"])}
+    return (args[0], torch.zeros_like(args[1]), *args[2:]), kwargs
+
+
 class PositionFreeRotaryMixin:
     """Put in front of a stock rotary module's class (in place, see `upgrade`) when the scheme is not RoPE: the stock
     module still computes, at position 0 for every token (so every attribute a model reads from it stays and the
@@ -450,16 +471,8 @@ class PositionFreeRotaryMixin:
     posenc_calls = 0
 
     def forward(self, *args, **kwargs):
-        if not torch.compiler.is_compiling():
-            self.posenc_calls += 1
-        # the score bias reads them in every attention call of this forward, also where the model does not hand its
-        # attention the position ids (ModernBERT, Persimmon, ...); set in compiled forwards too, or they would go stale
-        for provider in getattr(self, "posenc_biases", ()):
-            provider.position_ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
-        if "position_ids" in kwargs:
-            kwargs["position_ids"] = torch.zeros_like(kwargs["position_ids"])
-        else:  # forward(x, position_ids, ...): the rotary call convention of every release
-            args = (args[0], torch.zeros_like(args[1]), *args[2:])
+        _rotary_call_seen(self, args, kwargs)
+        args, kwargs = _at_position_zero(args, kwargs)
         return _unrotated(super().forward(*args, **kwargs))
 
 
@@ -512,18 +525,11 @@ class PatternRotaryMixin:
     posenc_tables: list | None = None
 
     def forward(self, *args, **kwargs):
-        if not torch.compiler.is_compiling():
-            self.posenc_calls += 1
-        ids = kwargs["position_ids"] if "position_ids" in kwargs else args[1]
-        for provider in getattr(self, "posenc_biases", ()):
-            provider.position_ids = ids  # as PositionFreeRotaryMixin: for models that do not hand them on
+        _rotary_call_seen(self, args, kwargs)
         out = super().forward(*args, **kwargs)
         tables = {index: extra(*args, **kwargs) for index, extra in enumerate(self.posenc_extra_rotaries)}
-        if self.posenc_identity:
-            if "position_ids" in kwargs:
-                zero_args, zero_kwargs = args, {**kwargs, "position_ids": torch.zeros_like(ids)}
-            else:
-                zero_args, zero_kwargs = (args[0], torch.zeros_like(ids), *args[2:]), kwargs
+        if self.posenc_identity:  # as PositionFreeRotaryMixin computes it
+            zero_args, zero_kwargs = _at_position_zero(args, kwargs)
             tables["none"] = _unrotated(super().forward(*zero_args, **zero_kwargs))
         if self.posenc_tables is not None:
             self.posenc_tables.append((out, tables))
@@ -601,8 +607,7 @@ def install_layer_entries(base: nn.Module, layers: list[nn.Module], rotaries: li
     config = base.config
     layers = attention_layers(config, layers)
     entries = layer_entries(config.posenc, len(layers))
-    main = rope_spec_of(config.posenc)
-    extras = [spec for spec in posenc_schemes(config.posenc) if spec["type"] == "rope" and spec != main]
+    main, extras = rope_spec_of(config.posenc), other_rope_specs(config.posenc)
     natively = config.layers_natively()
     kinds = []
     for entry in entries:
@@ -644,16 +649,10 @@ def install_layer_entries(base: nn.Module, layers: list[nn.Module], rotaries: li
 def plugin_rotaries(config) -> tuple[nn.Module | None, nn.ModuleList]:
     """The rotary modules of an adapter whose attention the plugin rotates (GPT-2, BERT): the main RoPE's (None
     without RoPE) and one for each other RoPE setting of a per-layer pattern."""
-    main = rope_spec_of(config.posenc)
-    if main is None:
+    if rope_spec_of(config.posenc) is None:
         return None, nn.ModuleList()
-    views = []
-    for spec in posenc_schemes(config.posenc):
-        if spec["type"] == "rope" and spec != main:
-            view = copy.copy(config)
-            view.rope_parameters = config.derived_rope_parameters(spec)
-            views.append(PairRotaryEmbedding(view))
-    return PairRotaryEmbedding(config), nn.ModuleList(views)
+    extras = [PairRotaryEmbedding(config.viewed_with_rope(spec)) for spec in other_rope_specs(config.posenc)]
+    return PairRotaryEmbedding(config), nn.ModuleList(extras)
 
 
 def plugin_tables(base: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -678,11 +677,9 @@ def attention_layers(config, layers: list[nn.Module]) -> list[nn.Module]:
 
 def extra_rotary(rotary: nn.Module, config, spec: dict) -> nn.Module:
     """A rotary module of the stock class of `rotary` for another RoPE setting `spec` of a pattern."""
-    view = copy.copy(config)
-    view.rope_parameters = config.derived_rope_parameters(spec)
     stock = next(c for c in type(rotary).__mro__ if c.__module__.startswith("transformers."))
     try:
-        return stock(config=view)
+        return stock(config=config.viewed_with_rope(spec))
     except TypeError as error:
         raise ValueError(
             f"posenc 'layers': {stock.__name__} cannot be built for a second RoPE setting ({error}); on this "

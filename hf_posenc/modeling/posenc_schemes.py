@@ -547,6 +547,12 @@ def rope_spec_of(posenc: Mapping) -> dict | None:
     return next((spec for spec in posenc_schemes(posenc) if spec["type"] == "rope"), None)
 
 
+def other_rope_specs(posenc: Mapping) -> list[dict]:
+    """A pattern's RoPE settings other than the main one (`rope_spec_of`), in order: each gets a rotary module."""
+    main = rope_spec_of(posenc)
+    return [spec for spec in posenc_schemes(posenc) if spec["type"] == "rope" and spec != main]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # RoPE: one scheme, every rope_type transformers ships plus static NTK
 # --------------------------------------------------------------------------------------------------------------------
@@ -965,7 +971,7 @@ class PosencConfigMixin:
             # the stock layers rotate where no_rope_layers says, with one RoPE setting, and apply nothing else
             plain = all(e["sliding_window"] is None for e in entries)
             plain = plain and all(e["type"] in ("rope", "nope") for e in entries)
-            plain = plain and len([s for s in posenc_schemes(self.posenc) if s["type"] == "rope"]) <= 1
+            plain = plain and not other_rope_specs(self.posenc)
             if plain and not any(e.get("attn_temperature_tuning") for e in entries if not self.temperature_natively()):
                 scheme = "rope"  # then as RoPE: the stock class computes it where it computes the RoPE setting
         if scheme == "rope" and self.native_posenc == "rope":
@@ -1124,6 +1130,13 @@ class PosencConfigMixin:
             else current[layer_type]
             for layer_type in layer_types
         }
+
+    def viewed_with_rope(self, spec: Mapping):
+        """A shallow copy of this config whose `rope_parameters` are those of another RoPE setting `spec` of a
+        pattern: what a rotary module for that setting is built from."""
+        view = copy.copy(self)
+        view.rope_parameters = self.derived_rope_parameters(spec)
+        return view
 
     def rope_parameters_to_hand_on(self):
         """The `rope_parameters` a new config of another scheme takes as the architecture's own (`with_posenc`): this

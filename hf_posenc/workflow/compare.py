@@ -17,6 +17,7 @@ import copy
 import ctypes
 import ctypes.util
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -139,10 +140,16 @@ class CompareConfig:
             )
         self.check_specs()
 
-    @property
+    @functools.cached_property
+    def stock(self):
+        """The small stock config every scheme of this comparison is built on (computed once: checking the specs,
+        fitting the defaults and the run all read it; nothing changes it)."""
+        return tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length)
+
+    @functools.cached_property
     def recalibration_arms(self) -> list[dict]:
         """The arms to run: `recalibrate`, or by default those of `DEFAULT_RECALIBRATION` that start from a trained
-        scheme and go to one the architecture takes."""
+        scheme and go to one the architecture takes (computed once, after `validate` fitted the default pattern)."""
         if self.recalibrate is not None:
             return self.recalibrate
         arms = []
@@ -160,7 +167,7 @@ class CompareConfig:
         if not archs.takes(self.arch, spec):
             return False
         try:
-            with_posenc(tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length), spec)
+            with_posenc(self.stock, spec)
         except ValueError:
             return False
         return True
@@ -168,8 +175,7 @@ class CompareConfig:
     def nope_every_4th(self) -> dict:
         """The default pattern (RoPE with NoPE every 4th layer) on this config's model: with fewer than 4 attention
         layers (a small or hybrid model), RoPE on all but the last."""
-        stock = tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length)
-        layer_types = getattr(stock, "layer_types", None) or [None] * self.layers
+        layer_types = getattr(self.stock, "layer_types", None) or [None] * self.layers
         attention = sum(map(softmax_attention_kind, layer_types))
         return {"type": "layers", "pattern": ["rope"] * (min(attention, 4) - 1) + ["nope"]}
 
@@ -209,12 +215,11 @@ class CompareConfig:
     def check_specs(self) -> None:
         """Every scheme and recalibration target against the model it will be built on, before any training: a
         pattern longer than the model or a refused setting fails now, naming it."""
-        stock = tiny_config(self.arch, self.layers, self.hidden_size, self.heads, self.train_length)
         for where, spec in [("schemes", s) for s in self.schemes] + [
             (f"recalibrate[{i}].to", arm["to"]) for i, arm in enumerate(self.recalibration_arms)
         ]:
             try:
-                with_posenc(stock, spec)
+                with_posenc(self.stock, spec)
             except ValueError as error:
                 raise ValueError(f"{where}: {error}") from error
 
@@ -399,7 +404,7 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
             f"the held-out text has {len(held_out)} tokens, fewer than eval_tokens={config.eval_tokens}: "
             "use more data, a larger validation_fraction or fewer eval_tokens"
         )
-    stock = tiny_config(config.arch, config.layers, config.hidden_size, config.heads, config.train_length)
+    stock = config.stock
     results = {"config": dataclasses.asdict(config), "schemes": [], "environment": environment(device)}
     trained = {}  # the index of each trained scheme an arm starts from -> its config and weights
     sources = {config.source_index(arm["from"]) for arm in config.recalibration_arms}
