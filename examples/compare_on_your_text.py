@@ -45,7 +45,7 @@ def main() -> None:
         hidden_size=64,
         heads=4,
         eval_tokens=args.eval_tokens,
-        validation_fraction=0.1,
+        held_out_fraction=0.1,
         out=str(out),
     )
     results = run_compare(config)

@@ -16,9 +16,9 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 import hf_posenc  # noqa: F401  (the posenc= keyword)
-from hf_posenc.workflow.data import ByteTokenizer, read_text, train_validation_split
+from hf_posenc.workflow.data import byte_tokenizer, token_stream
 from hf_posenc.workflow.evaluation import perplexity
-from hf_posenc.workflow.train import TrainConfig, run_train
+from hf_posenc.workflow.train import parse_train_arguments, run_train
 
 
 def main() -> None:
@@ -33,23 +33,25 @@ def main() -> None:
 
     checkpoint = args.checkpoint
     if checkpoint is None:
-        config = TrainConfig(
-            posenc="rope",
-            arch="llama",
-            layers=2,
-            hidden_size=96,
-            heads=4,
-            seq_length=args.train_length,
-            steps=args.steps,
-            batch_size=16,
-            learning_rate=2e-3,
-            logging_steps=50,
-            output_dir=str(work / "pretrain"),
+        arguments = parse_train_arguments(
+            values=dict(
+                posenc="rope",
+                arch="llama",
+                layers=2,
+                hidden_size=96,
+                heads=4,
+                seq_length=args.train_length,
+                max_steps=args.steps,
+                per_device_train_batch_size=16,
+                learning_rate=2e-3,
+                logging_steps=50,
+                output_dir=str(work / "pretrain"),
+            )
         )
-        checkpoint = run_train(config)["final"]
+        checkpoint = run_train(*arguments)["final"]
 
     long = int(args.train_length * args.factor)
-    _, held_out = train_validation_split(ByteTokenizer().encode(read_text()), 0.02)
+    held_out = token_stream(None, "test", byte_tokenizer())  # the standard-library text's held-out end
     yarn = {
         "type": "rope",
         "rope_type": "yarn",

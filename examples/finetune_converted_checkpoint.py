@@ -15,9 +15,9 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_posenc  # noqa: F401  (the posenc= keyword)
-from hf_posenc.workflow.data import ByteTokenizer, read_text, train_validation_split
+from hf_posenc.workflow.data import byte_tokenizer, token_stream
 from hf_posenc.workflow.evaluation import perplexity
-from hf_posenc.workflow.train import TrainConfig, run_train
+from hf_posenc.workflow.train import parse_train_arguments, run_train
 
 
 def main() -> None:
@@ -32,26 +32,29 @@ def main() -> None:
     checkpoint = args.checkpoint
     if checkpoint is None:
         checkpoint = work / "stock-gpt2"
-        stock = AutoConfig.for_model("gpt2", n_layer=2, n_embd=96, n_head=4, n_positions=128, vocab_size=256)
+        stock = AutoConfig.for_model("gpt2", n_layer=2, n_embd=96, n_head=4, n_positions=128, vocab_size=257)
         AutoModelForCausalLM.from_config(stock).save_pretrained(checkpoint)
 
     converted = AutoModelForCausalLM.from_pretrained(checkpoint, posenc=args.posenc)
     print(converted.posenc_conversion)
-    _, held_out = train_validation_split(ByteTokenizer().encode(read_text()), 0.02)
+    held_out = token_stream(None, "test", byte_tokenizer())  # the standard-library text's held-out end
     before = perplexity(converted, held_out, 128, max_tokens=4096)["ppl"]
 
-    config = TrainConfig(
-        posenc=args.posenc,
-        checkpoint=str(checkpoint),
-        seq_length=128,
-        steps=args.steps,
-        batch_size=8,
-        learning_rate=1e-3,
-        warmup_steps=5,
-        logging_steps=max(1, args.steps // 4),
-        output_dir=str(work / "run"),
+    arguments = parse_train_arguments(
+        values=dict(
+            posenc=args.posenc,
+            checkpoint=str(checkpoint),
+            tokenizer="bytes",  # the stand-in checkpoint has no tokenizer of its own
+            seq_length=128,
+            max_steps=args.steps,
+            per_device_train_batch_size=8,
+            learning_rate=1e-3,
+            warmup_steps=5,
+            logging_steps=max(1, args.steps // 4),
+            output_dir=str(work / "run"),
+        )
     )
-    result = run_train(config)
+    result = run_train(*arguments)
     tuned = AutoModelForCausalLM.from_pretrained(result["final"])
     after = {n: perplexity(tuned, held_out, n, max_tokens=4096)["ppl"] for n in (128, 512)}
     print(

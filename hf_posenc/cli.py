@@ -3,7 +3,43 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _command_index(argv: list[str]) -> int | None:
+    """Where the command is in `argv` (after the top-level options), None without one."""
+    at = 0
+    while at < len(argv) and argv[at].startswith("-"):
+        at += 2 if argv[at] == "--log-level" else 1
+    return at if at < len(argv) else None
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever `sys.stderr` is when a record comes (so a redirected stderr gets it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+@contextlib.contextmanager
+def _logging_at(level: str):
+    """hf_posenc's logger at `level`, printed to stderr, for the duration of one command: conversion reports (warning
+    when a conversion dropped or added tensors, info otherwise) and progress notes. transformers keeps its own
+    verbosity (TRANSFORMERS_VERBOSITY, or `train --log_level`)."""
+    library = logging.getLogger("hf_posenc")
+    handler, before = _Stderr(), library.level
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    library.addHandler(handler)
+    library.setLevel(level.upper())
+    try:
+        yield
+    finally:
+        library.removeHandler(handler)
+        library.setLevel(before)
 
 
 def _schemes() -> str:
@@ -19,10 +55,26 @@ def _schemes() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    at = _command_index(argv)
+    level = "info"
+    if at is not None and "--log-level" in argv[:at]:
+        level = argv[argv.index("--log-level") + 1]
+    with _logging_at(level if level in LOG_LEVELS else "info"):
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="hf-posenc", description="Positional schemes for transformers models.")
     parser.add_argument("--version", action="version", version=f"hf-posenc {__version__}")
+    parser.add_argument(
+        "--log-level",
+        choices=LOG_LEVELS,
+        default="info",
+        help="what hf_posenc logs to stderr (conversion reports, progress notes)",
+    )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("schemes", help="list the positional schemes, their sites and the supported architectures")
     archs = commands.add_parser(
@@ -45,20 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     compare.add_argument("--steps", type=int, help="training steps per scheme")
     compare.add_argument("--out", help="output folder (results.md, results.json, ppl_vs_length.png)")
     compare.add_argument("overrides", nargs="*", help="more CompareConfig fields as key=value")
-    train = commands.add_parser(
+    commands.add_parser(
         "train",
-        help="pre-train or fine-tune a posenc model with transformers' Trainer, from YAML plus key=value overrides",
+        add_help=False,  # `hf-posenc train --help` is HfArgumentParser's: every field, with its default
+        help="pre-train or fine-tune a posenc model with transformers' Trainer: every TrainingArguments field, from "
+        "a YAML --config and the command line (`hf-posenc train --help`)",
     )
-    train.add_argument("--config", help="YAML file of TrainConfig fields (see configs/train_*.yaml)")
-    train.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value, e.g. posenc=rope steps=100")
     push = commands.add_parser(
         "push", help="build the Hub folder of a saved posenc model (weights, code, model card) and upload it"
     )
     push.add_argument("model", help="folder of a saved posenc model (e.g. runs/train/final)")
     push.add_argument("--repo-id", required=True, help="the Hub repo, e.g. user/gpt2-alibi")
     push.add_argument("--folder", help="where to build the repo folder (default: MODEL/../hub-REPO)")
-    push.add_argument("--eval", help="an `hf-posenc eval` JSON or a markdown table (e.g. compare's results.md)")
-    push.add_argument("--plot", help="a plot to show in the card (e.g. compare's ppl_vs_length.png)")
+    push.add_argument(
+        "--eval",
+        action="append",
+        metavar="PATH",
+        help="an `hf-posenc eval` JSON of this model (perplexity or passkey; checked against its weights); repeat "
+        "for several; the card draws its plot from them",
+    )
+    push.add_argument(
+        "--license",
+        help="the card's license id (default: apache-2.0 for a model trained from scratch, 'other' for a converted "
+        "checkpoint, whose license applies)",
+    )
     push.add_argument("--data", help="training data, for the card (default: what `hf-posenc train` recorded)")
     push.add_argument("--train-length", type=int, help="training length, for the card")
     push.add_argument("--private", action="store_true", help="create the repo as private")
@@ -86,20 +148,36 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--memory-length", type=int, default=8192, help="sequence length of the memory table")
     bench.add_argument("--out", default="runs/bench.json")
     evaluate = commands.add_parser(
-        "eval", help="perplexity against length for a saved causal LM (posenc or stock), as a table and JSON"
+        "eval",
+        help="perplexity or passkey retrieval against length for a saved causal LM (posenc or stock), on held-out "
+        "text, as a table, JSON and plot",
+        description="Scores a saved causal LM at several lengths on held-out text: by default the held-out part of "
+        "the data `hf-posenc train` recorded next to the model (else of the standard-library text), which training "
+        "never reads.",
     )
     evaluate.add_argument("model", help="folder of a saved model (or a Hub name, where the Hub is reachable)")
-    evaluate.add_argument("--lengths", default="64,128,256,512,1024", help="comma-separated window lengths")
-    evaluate.add_argument("--data", help="'stdlib' (default), a text file, a folder of .txt files or a datasets name")
-    evaluate.add_argument("--stride", type=int, help="sliding window: score the last STRIDE tokens of each window")
-    evaluate.add_argument("--max-tokens", type=int, default=16384, help="evaluate the first N tokens (0: all)")
+    evaluate.add_argument("--task", choices=["perplexity", "passkey"], default="perplexity")
+    evaluate.add_argument("--lengths", default="64,128,256,512,1024", help="comma-separated context lengths (tokens)")
+    evaluate.add_argument(
+        "--data", help="'stdlib', a text file, a folder of .txt files or a datasets name (its held-out part)"
+    )
+    evaluate.add_argument("--stride", type=int, help="perplexity: score the last STRIDE tokens of sliding windows")
+    evaluate.add_argument("--max-tokens", type=int, default=16384, help="perplexity: the first N tokens (0: all)")
+    evaluate.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: where the key sits (0 = start)")
+    evaluate.add_argument("--samples", type=int, default=5, help="passkey: keys per length and depth")
+    evaluate.add_argument("--digits", type=int, default=5, help="passkey: digits of each key")
+    evaluate.add_argument("--seed", type=int, default=0, help="passkey: the keys and filler offsets")
     evaluate.add_argument("--tokenizer", help="'bytes', a tokenizer path/name; default: the model folder's, else bytes")
-    evaluate.add_argument("--out", help="write the results as JSON here")
+    evaluate.add_argument("--out", help="write the results as JSON here (and the plot beside it, as .png)")
+    at = _command_index(argv)
+    if at is not None and argv[at] == "train":  # everything after `train` is HfArgumentParser's
+        parser.parse_args(argv[: at + 1])
+        from .workflow.train import main as train_main
+
+        return train_main(argv[at + 1 :])
     args = parser.parse_args(argv)
     if args.command == "eval":
         return _eval(args)
-    if args.command == "train":
-        return _train(args)
     if args.command == "push":
         return _push(args)
     if args.command == "bench":
@@ -157,42 +235,65 @@ def _compare(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from .workflow.evaluate_lengths import evaluate_lengths, markdown, write
-
+def _numbers(text: str, kind: type, name: str) -> list:
     try:
-        lengths = [int(n) for n in args.lengths.split(",") if n.strip()]
+        return [kind(n) for n in text.split(",") if n.strip()]
     except ValueError:
-        print(f"hf-posenc eval: --lengths must be comma-separated integers, got {args.lengths!r}", file=sys.stderr)
-        return 2
-    results = evaluate_lengths(
-        args.model,
-        lengths,
-        data=args.data,
-        stride=args.stride,
-        max_tokens=args.max_tokens or None,
-        tokenizer=args.tokenizer,
+        raise ValueError(f"{name} must be comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _eval(args) -> int:
+    from .workflow.evaluate_lengths import (
+        check_model_path,
+        describe,
+        evaluate_lengths,
+        evaluate_passkey,
+        markdown,
+        write,
     )
-    print(f"{args.model} (posenc={results['posenc']}), stride={args.stride}")
+
+    try:  # everything that needs no model and no data, before any work
+        check_model_path(args.model)
+        lengths = _numbers(args.lengths, int, "--lengths")
+        if not lengths or min(lengths) < 2:
+            raise ValueError(f"--lengths must be integers >= 2, got {args.lengths!r}")
+        if args.data is not None:
+            from .workflow.data import check_source
+
+            check_source(args.data)
+        if args.task == "passkey":
+            depths = _numbers(args.depths, float, "--depths")
+            results = evaluate_passkey(
+                args.model,
+                lengths,
+                data=args.data,
+                tokenizer=args.tokenizer,
+                depths=depths,
+                samples=args.samples,
+                digits=args.digits,
+                seed=args.seed,
+            )
+        else:
+            results = evaluate_lengths(
+                args.model,
+                lengths,
+                data=args.data,
+                stride=args.stride,
+                max_tokens=args.max_tokens or None,
+                tokenizer=args.tokenizer,
+            )
+    except ValueError as error:
+        print(f"hf-posenc eval: {error}", file=sys.stderr)
+        return 2
+    print(describe(results))
     print(markdown(results))
     if (path := write(results, args.out)) is not None:
         print(f"wrote {path}")
-    return 0
+        if args.task == "passkey":
+            from .workflow.passkey import plot
 
-
-def _train(args) -> int:
-    from .workflow.config import load_config, parse_overrides
-    from .workflow.train import TrainConfig, run_train
-
-    try:
-        config = load_config(TrainConfig, args.config, parse_overrides(args.overrides))
-    except ValueError as error:
-        print(f"hf-posenc train: {error}", file=sys.stderr)
-        return 2
-    result = run_train(config)
-    print(
-        f"trained on {result['world_size']} process(es), mean loss {result['train_loss']:.3f}; wrote {result['final']}"
-    )
+            plot(results, path.with_suffix(".png"))
+            print(f"wrote {path.with_suffix('.png')}")
     return 0
 
 
@@ -203,7 +304,15 @@ def _push(args) -> int:
 
     folder = args.folder or Path(args.model).resolve().parent / f"hub-{args.repo_id.replace('/', '--')}"
     try:
-        build_hub_folder(args.model, folder, args.repo_id, args.eval, args.plot, args.data, args.train_length)
+        build_hub_folder(
+            args.model,
+            folder,
+            args.repo_id,
+            evaluations=args.eval,
+            data=args.data,
+            train_length=args.train_length,
+            license=args.license,
+        )
     except (ValueError, OSError) as error:
         print(f"hf-posenc push: {error}", file=sys.stderr)
         return 2

@@ -133,5 +133,14 @@ def load_converted(load, source: str, source_config, target_config, architecture
             if hasattr(module, "_posenc_built"):
                 module._posenc_built = dict(target)
     model.posenc_conversion = report
-    logger.info("%s", report)
+    if report.dropped or report.added or report.grown:
+        # transformers reports the same tensors as MISSING/UNEXPECTED at WARNING level, which alarms: say at the same
+        # level that they are what the conversion meant to do
+        logger.warning(
+            "%s\n  (the MISSING and UNEXPECTED keys of transformers' load report are these tensors: "
+            "the conversion expects them)",
+            report,
+        )
+    else:
+        logger.info("%s", report)
     return (model, info) if want_info else model

@@ -22,6 +22,7 @@ import gc
 import json
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -33,8 +34,9 @@ from tqdm.auto import tqdm
 from .. import __version__, archs
 from ..auto import with_posenc
 from ..modeling.posenc_schemes import LAYER_OPTIONS, SCHEMES, entry_scheme, normalize_posenc, softmax_attention_kind
-from .data import ByteTokenizer, read_text, train_validation_split
+from .data import HELD_OUT_FRACTION, byte_tokenizer, check_source, read_text, token_stream
 from .evaluation import perplexity
+from .plots import plot_compare
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,8 @@ class CompareConfig:
     hidden_size: int = 128
     heads: int = 4
     data: str | None = None
-    validation_fraction: float = 0.05
+    #: the end of the text held out for evaluation (`hf-posenc eval` holds out the same part by default)
+    held_out_fraction: float = HELD_OUT_FRACTION
     eval_tokens: int = 16384
     scaling_variants: bool = True
     extrapolation_tolerance: float = 1.1
@@ -101,6 +104,10 @@ class CompareConfig:
     #: `learning_rate`: a table of a few numbers per head, shared by every layer, moves about one learning rate per
     #: AdamW step, which at the default budget leaves T5's table too flat to act (README)
     bias_learning_rate_multiplier: float = 10.0
+    #: passkey retrieval at every evaluation length: keys per length and depth (0: no passkey evaluation)
+    passkey_samples: int = 5
+    #: torch threads; None: as many as the cores the other processes leave free (`choose_threads`)
+    threads: int | None = None
     seed: int = 0
     out: str = "runs/compare"
 
@@ -120,9 +127,16 @@ class CompareConfig:
                 raise ValueError(f"schemes: unknown scheme {name!r}; allowed: {', '.join(sorted(SCHEMES))}")
             archs.check_scheme(self.arch, scheme)  # before any training: a refused site names its reason now
         self._validate_recalibration()
+        if self.passkey_samples < 0:
+            raise ValueError(f"passkey_samples must be >= 0 (0: no passkey evaluation), got {self.passkey_samples}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null (as many as the free cores), got {self.threads}")
         for key in ("train_length", "steps", "batch_size", "layers", "hidden_size", "heads", "eval_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 < self.held_out_fraction < 1:
+            raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction}")
+        check_source(self.data)
         if self.train_length < 2:
             raise ValueError(f"train_length must be >= 2, got {self.train_length}")
         if (
@@ -228,8 +242,17 @@ class CompareConfig:
         return [self.train_length * m for m in self.eval_multiples]
 
 
-def tiny_config(arch: str, layers: int, hidden: int, heads: int, max_positions: int, vocab: int = 256):
-    """A small stock config of `arch` whose native length is the training length (so scalings start from it)."""
+def tiny_config(
+    arch: str,
+    layers: int,
+    hidden: int,
+    heads: int,
+    max_positions: int,
+    vocab: int = 257,
+    eos_token_id: int | None = 256,
+):
+    """A small stock config of `arch` whose native length is the training length (so scalings start from it), for
+    the byte-level tokenizer by default (vocabulary 257, end of text 256)."""
     return archs.small_config(
         arch,
         layers=layers,
@@ -239,8 +262,8 @@ def tiny_config(arch: str, layers: int, hidden: int, heads: int, max_positions: 
         intermediate=4 * hidden,
         positions=max_positions,
         vocab_size=vocab,
-        bos_token_id=0,
-        eos_token_id=0,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
     )
 
 
@@ -365,8 +388,11 @@ def scaling_variants(spec: dict, train_length: int, length: int) -> dict[str, di
     return {}
 
 
-def evaluate_scheme(model, spec: dict, tokens: torch.Tensor, config: CompareConfig) -> dict[str, dict]:
-    """{variant: {length: ppl or None}} for the trained scheme and its evaluation-time scalings.
+def evaluate_scheme(
+    model, spec: dict, tokens: torch.Tensor, config: CompareConfig, label: str = "model"
+) -> dict[str, dict]:
+    """{variant: {length: ppl or None}} for the trained scheme and its evaluation-time scalings (a progress bar per
+    length, named by `label`).
 
     None marks a learned table that ends before `length` (reported, never a failure)."""
     from transformers import AutoModelForCausalLM
@@ -376,7 +402,9 @@ def evaluate_scheme(model, spec: dict, tokens: torch.Tensor, config: CompareConf
         if spec["type"] == "learned" and length > spec["num_positions"]:
             results["as trained"][length] = None
         else:
-            results["as trained"][length] = perplexity(model, tokens, length, max_tokens=config.eval_tokens)["ppl"]
+            results["as trained"][length] = perplexity(
+                model, tokens, length, max_tokens=config.eval_tokens, progress=f"eval {label} @{length}"
+            )["ppl"]
         if not config.scaling_variants:
             continue
         for name, variant in scaling_variants(spec, config.train_length, length).items():
@@ -385,9 +413,9 @@ def evaluate_scheme(model, spec: dict, tokens: torch.Tensor, config: CompareConf
                 continue
             scaled = AutoModelForCausalLM.from_config(with_posenc(model.config, variant)).to(model.device)
             scaled.load_state_dict(model.state_dict())
-            results.setdefault(name, {})[length] = perplexity(scaled, tokens, length, max_tokens=config.eval_tokens)[
-                "ppl"
-            ]
+            results.setdefault(name, {})[length] = perplexity(
+                scaled, tokens, length, max_tokens=config.eval_tokens, progress=f"eval {label} + {name} @{length}"
+            )["ppl"]
     return results
 
 
@@ -397,14 +425,19 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
 
     config.validate()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokens = ByteTokenizer().encode(read_text(config.data))
-    train_tokens, held_out = train_validation_split(tokens, config.validation_fraction)
+    threads = choose_threads(config.threads)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    tokenizer = byte_tokenizer()
+    train_tokens = token_stream(config.data, "train", tokenizer, config.held_out_fraction)
+    held_out = token_stream(config.data, "test", tokenizer, config.held_out_fraction)
     if len(held_out) < config.eval_tokens:
         raise ValueError(
             f"the held-out text has {len(held_out)} tokens, fewer than eval_tokens={config.eval_tokens}: "
-            "use more data, a larger validation_fraction or fewer eval_tokens"
+            "use more data, a larger held_out_fraction or fewer eval_tokens"
         )
     stock = config.stock
+    passkey = Passkey(config, tokenizer, read_text(config.data, "test", config.held_out_fraction))
     results = {"config": dataclasses.asdict(config), "schemes": [], "environment": environment(device)}
     trained = {}  # the index of each trained scheme an arm starts from -> its config and weights
     sources = {config.source_index(arm["from"]) for arm in config.recalibration_arms}
@@ -415,13 +448,13 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
         model = AutoModelForCausalLM.from_config(posenc_config).to(device)
         logger.info("training %s", name)
         stats = train(model, train_tokens, config, device, desc=f"train {name}")
-        evaluation = evaluate_scheme(model, spec, held_out, config)
-        _report(results, {"name": name, "posenc": spec, **stats, "eval": evaluation})
+        evaluation = evaluate_scheme(model, spec, held_out, config, name)
+        _report(results, {"name": name, "posenc": spec, **stats, "eval": evaluation, **passkey(model, name)})
         if index in sources:
             trained[index] = (posenc_config, {k: v.detach().clone() for k, v in model.state_dict().items()})
         del model
     for arm in config.recalibration_arms:
-        for row in recalibrate(arm, trained, stock, train_tokens, held_out, config, device):
+        for row in recalibrate(arm, trained, stock, train_tokens, held_out, config, device, passkey):
             _report(results, row)
     return results
 
@@ -436,7 +469,9 @@ def _report(results: dict, row: dict) -> None:
     )
 
 
-def recalibrate(arm: dict, trained: dict, stock, train_tokens, held_out, config: CompareConfig, device) -> list[dict]:
+def recalibrate(
+    arm: dict, trained: dict, stock, train_tokens, held_out, config: CompareConfig, device, passkey=None
+) -> list[dict]:
     """One recalibration arm: the trained `from` model converted to `to` (its weights kept, the new scheme's own
     parameters initialised as a conversion of a checkpoint initialises them), scored as converted, then fine-tuned
     `steps` steps at the training length (at `recalibrate_learning_rate`, on the training text) and scored again.
@@ -466,17 +501,51 @@ def recalibrate(arm: dict, trained: dict, stock, train_tokens, held_out, config:
         if steps:
             stats = train(model, train_tokens, tune, device, desc=f"recalibrate {name}")
         stats["params"] = sum(p.numel() for p in model.parameters())
-        evaluation = evaluate_scheme(model, target.posenc, held_out, quiet)
-        rows.append(
-            {
-                "name": f"{name} ({steps} steps)",
-                "posenc": target.posenc,
-                "recalibration": arm,
-                **stats,
-                "eval": evaluation,
-            }
-        )
+        row_name = f"{name} ({steps} steps)"
+        evaluation = evaluate_scheme(model, target.posenc, held_out, quiet, row_name)
+        row = {"name": row_name, "posenc": target.posenc, "recalibration": arm, **stats, "eval": evaluation}
+        rows.append(row | (passkey(model, row_name) if passkey is not None else {}))
     return rows
+
+
+class Passkey:
+    """Passkey retrieval of a trained model at every evaluation length (`passkey.passkey_accuracy`), the filler cut
+    from the held-out text and the keys from the seed: every scheme answers the same prompts."""
+
+    def __init__(self, config: CompareConfig, tokenizer, filler: str):
+        self.config, self.tokenizer, self.filler = config, tokenizer, filler
+
+    def __call__(self, model, name: str) -> dict:
+        """{"passkey": results} ({} when passkey_samples is 0)."""
+        from .passkey import passkey_accuracy
+
+        if not self.config.passkey_samples:
+            return {}
+        results = passkey_accuracy(
+            model,
+            self.tokenizer,
+            self.filler,
+            self.config.eval_lengths,
+            samples=self.config.passkey_samples,
+            seed=self.config.seed,
+            progress=True,
+        )
+        return {"passkey": results}
+
+
+def choose_threads(requested: int | None = None) -> int:
+    """torch's intra-op threads: `requested`, else the cores that other processes leave free (the cores torch would
+    use, less the 1-minute load average, at least 1). A thread on a core another process holds waits for it at every
+    parallel region: on a loaded 2-core machine torch's default 2 threads trained 9x slower per step than 1 (README,
+    "Times")."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform
+        return cores
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def environment(device: torch.device) -> dict:
@@ -518,52 +587,31 @@ def markdown_table(results: dict) -> str:
             cells += ["past table" if ppl[n] is None else f"{ppl[n]:.2f}" for n in lengths]
             cells.append(extrapolates(ppl, config["extrapolation_tolerance"]))
             rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n" + passkey_table(results)
+
+
+def passkey_table(results: dict) -> str:
+    """Passkey retrieval accuracy by scheme and length (all depths together), or "" without passkey results."""
+    named = {row["name"]: row["passkey"] for row in results["schemes"] if "passkey" in row}
+    if not named:
+        return ""
+    first = next(iter(named.values()))
+    lengths = list(first["lengths"])
+    header = ["scheme"] + [f"passkey@{n}" for n in lengths]
+    rows = [
+        f"\nPasskey retrieval: accuracy over {first['samples']} keys of {first['digits']} digits at each of the depths "
+        f"{', '.join(f'{d:g}' for d in first['depths'])} (n/a: the length cannot hold the prompt, or past the "
+        "model's table)\n",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for name, passkey in named.items():
+        cells = [name]
+        for n in lengths:
+            result = passkey["lengths"].get(n, passkey["lengths"].get(str(n), {}))
+            cells.append(f"{result['accuracy']:.2f}" if "accuracy" in result else "n/a")
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
-
-
-def plot(results: dict, path: Path) -> None:
-    """Perplexity against evaluation length, one line per scheme and scaling (log-log). The y axis stops at 8x the
-    worst perplexity at the training length; points beyond it are drawn on the top edge with their value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    config = results["config"]
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    colours = plt.get_cmap("tab20").colors
-    at_train = [v[config["train_length"]] for s in results["schemes"] for v in s["eval"].values()]
-    top = 8 * max(p for p in at_train if p is not None)
-    lines = [(s, variant, ppl) for s in results["schemes"] for variant, ppl in s["eval"].items()]
-    for index, (scheme, variant, ppl) in enumerate(lines):
-        points = [(int(n), p) for n, p in ppl.items() if p is not None]
-        name = scheme["name"] if variant == "as trained" else f"{scheme['name']} + {variant}"
-        lengths, values = zip(*points)
-        style = "-" if variant == "as trained" else "--"
-        clipped = [min(v, top) for v in values]
-        axes.plot(lengths, clipped, marker="o", linestyle=style, color=colours[index % 20], label=name)
-        for n, v in points:
-            if v > top:
-                axes.annotate(
-                    f"{v:.3g}",
-                    (n, top),
-                    textcoords="offset points",
-                    xytext=(0, -12),
-                    ha="center",
-                    fontsize=7,
-                    color=colours[index % 20],
-                )
-    axes.axvline(config["train_length"], color="grey", linewidth=0.8, linestyle=":")
-    axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
-    axes.set_ylim(top=top * 1.05)
-    axes.set_xlabel("evaluation length (tokens)")
-    axes.set_ylabel("perplexity (log scale)")
-    axes.set_title(f"{config['arch']}, trained at length {config['train_length']} ({config['steps']} steps)")
-    axes.legend(fontsize=7, ncol=2, loc="upper left")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def write_outputs(results: dict, out: str | Path) -> dict[str, Path]:
@@ -574,5 +622,11 @@ def write_outputs(results: dict, out: str | Path) -> dict[str, Path]:
     serialisable = json.loads(json.dumps(results, default=str))
     paths["json"].write_text(json.dumps(serialisable, indent=2) + "\n")
     paths["table"].write_text(markdown_table(results))
-    plot(results, paths["plot"])
+    plot_compare(results, paths["plot"])
+    named = {row["name"]: row["passkey"] for row in results["schemes"] if "passkey" in row}
+    if named:
+        from .passkey import plot_by_scheme
+
+        paths["passkey_plot"] = out / "passkey_vs_length.png"
+        plot_by_scheme(named, paths["passkey_plot"])
     return paths

@@ -32,6 +32,24 @@ def _accepts(annotation, value) -> bool:
     return isinstance(value, annotation)
 
 
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+
+
+def _describe(annotation) -> str:
+    """A field's type in words: `int | None` -> "an integer or null"."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if origin in (list, tuple):
+        (item,) = typing.get_args(annotation)[:1] or (typing.Any,)
+        return f"a list of ({_describe(item)})"
+    if origin is dict:
+        return "a mapping"
+    return _NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
 def build_config(cls: type, values: dict[str, Any], source: str = "config"):
     """`cls(**values)` after checking every key is a field and every value fits its type; errors name the key."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -41,7 +59,7 @@ def build_config(cls: type, values: dict[str, Any], source: str = "config"):
         raise ValueError(f"{source}: unknown key(s) {unknown}; allowed: {', '.join(fields)}")
     for key, value in values.items():
         if not _accepts(hints[key], value):
-            raise ValueError(f"{source}: {key} must be {hints[key]}, got {value!r}")
+            raise ValueError(f"{source}: {key} must be {_describe(hints[key])}, got {value!r}")
     config = cls(**values)
     if hasattr(config, "validate"):
         config.validate()
@@ -63,6 +81,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, 
     """A `cls` from an optional YAML file, then `overrides` on top."""
     values: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ValueError(f"--config: no such file {path}")
         loaded = yaml.safe_load(Path(path).read_text())
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: a run config is a mapping of keys to values, got {type(loaded).__name__}")

@@ -1,64 +1,234 @@
-"""Text for experiments, and the byte tokenizer that needs no download."""
+"""Text for experiments, the byte-level tokenizer that needs no download, and the blocks a model trains on.
+
+Text is read through `datasets` (`load_dataset("text")` for local files, a Hub name otherwise), one document per file,
+split into a training part and a held-out part that no command trains on, tokenized with a Hugging Face tokenizer, and
+grouped into blocks (or, for packing, cut into blocks that never cross a document boundary).
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import sysconfig
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 STDLIB = "stdlib"
+#: the tokenizer name that builds `byte_tokenizer()`; "auto" takes a model folder's own tokenizer, else bytes
+BYTES, AUTO = "bytes", "auto"
+#: the end of a local text held out from training by default: `hf-posenc eval` scores it, `train` never sees it
+HELD_OUT_FRACTION = 0.05
+#: "train": the text before the held-out part; "test": the held-out part; "all": both
+SPLITS = ("train", "test", "all")
+END_OF_TEXT = "<|endoftext|>"
 
 
-def stdlib_text(limit: int = 4_000_000) -> bytes:
-    """The standard library's own .py source, in a fixed order: text that every machine running Python has."""
-    chunks, size = [], 0
+def stdlib_files(limit: int = 4_000_000) -> list[Path]:
+    """The standard library's own top-level .py files, in a fixed order, up to `limit` bytes: text that every machine
+    running Python has."""
+    files, size = [], 0
     for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        chunks.append(path.read_bytes())
-        size += len(chunks[-1])
+        files.append(path)
+        size += path.stat().st_size
         if size >= limit:
             break
-    return b"\n".join(chunks)
+    return files
 
 
-def read_text(source: str | None = None, split: str = "train") -> bytes:
-    """Text from `source`: None or "stdlib"; a local file or a folder of .txt files; or a `datasets` name
-    ("wikitext:wikitext-2-raw-v1") whose `text` column is joined. Local paths never touch the network."""
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map of the 256 byte values to printable characters (the alphabet of byte-level BPE)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(printable + others, map(chr, printable + [256 + n for n in range(len(others))])))
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_tokenizer_object():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[byte]: byte for byte in range(256)} | {END_OF_TEXT: 256}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every byte is one token
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([END_OF_TEXT])
+    return tokenizer
+
+
+def byte_tokenizer():
+    """A byte-level `PreTrainedTokenizerFast`: token id = UTF-8 byte value (0..255), 256 = "<|endoftext|>" (the
+    bos, eos and pad token); vocabulary 257. No download, no training, every text representable; it saves and loads
+    with `AutoTokenizer` like any other, so `pipeline` and the Hub take models trained with it."""
+    import copy
+
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=copy.deepcopy(_byte_tokenizer_object()),
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        pad_token=END_OF_TEXT,
+        model_max_length=int(1e30),
+    )
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether a local model folder holds tokenizer files."""
+    return (Path(folder) / "tokenizer_config.json").exists()
+
+
+def load_tokenizer(name: str | None = AUTO, model_path: str | Path | None = None):
+    """A Hugging Face tokenizer: `bytes` builds `byte_tokenizer()`; `auto` (or None) takes `model_path`'s own
+    tokenizer when the folder has one (a Hub name's too), else bytes; anything else is a tokenizer path or name."""
+    if name in (None, AUTO):
+        if model_path is None or (Path(model_path).exists() and not has_tokenizer(model_path)):
+            return byte_tokenizer()
+        name = str(model_path)
+    if name == BYTES:
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def check_source(source: str | None) -> None:
+    """Refuse a data source that names a local path that is not there, before any work (a name that could be a Hub
+    data set, "wikitext" or "user/name", is checked when it loads)."""
     if source in (None, STDLIB):
-        return stdlib_text()
+        return
     path = Path(source)
-    if path.is_file():
-        return path.read_bytes()
-    if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
-        if not files:
-            raise ValueError(f"data folder {source} holds no .txt files")
-        return b"\n".join(f.read_bytes() for f in files)
-    from datasets import load_dataset
+    if path.exists():
+        if path.is_dir() and not any(path.rglob("*.txt")):
+            raise ValueError(f"data: the folder {source} holds no .txt files")
+        return
+    if path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1:  # "user/name" is a Hub name
+        raise ValueError(
+            f"data: {source!r} is neither a file nor a folder; allowed: 'stdlib', a text file, a folder of .txt "
+            "files, or a datasets name such as 'wikitext:wikitext-2-raw-v1'"
+        )
 
+
+def documents(source: str | None = None, split: str = "train", held_out_fraction: float = HELD_OUT_FRACTION):
+    """The text of `source` as a `datasets.Dataset` with a "text" column, one document per row.
+
+    Args:
+        source: None or "stdlib" (the standard library's .py files, a document each); a local text file (one
+            document) or a folder of .txt files (a document each), read with `load_dataset("text")`, never the
+            network; or a `datasets` name ("wikitext:wikitext-2-raw-v1"), whose rows are joined into one document.
+        split: "train", "test" or "all". Local text is split by characters: the last `held_out_fraction` (at a line
+            boundary) is the test part. A `datasets` name loads its own split ("test", else "validation").
+        held_out_fraction: the fraction of local text held out for evaluation.
+    """
+    from datasets import Dataset, load_dataset
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    check_source(source)
+    path = None if source in (None, STDLIB) else Path(source)
+    if path is None or path.exists():
+        files = stdlib_files() if path is None else [path] if path.is_file() else sorted(path.rglob("*.txt"))
+        loaded = _quietly(load_dataset, "text", data_files=[str(f) for f in files], sample_by="document")["train"]
+        texts = loaded["text"]
+        return Dataset.from_dict(
+            {"text": texts if split == "all" else _held_out_split(texts, split, held_out_fraction)}
+        )
     name, _, config = source.partition(":")
-    dataset = load_dataset(name, config or None, split=split)
-    if "text" not in dataset.column_names:
-        raise ValueError(f"dataset {source} has no 'text' column; columns: {', '.join(dataset.column_names)}")
-    return "\n".join(dataset["text"]).encode("utf-8")
+    wanted = "train" if split == "train" else None
+    if split != "train":
+        from datasets import get_dataset_split_names
+
+        names = get_dataset_split_names(name, config or None)
+        wanted = next((s for s in ("test", "validation") if s in names), None)
+        if wanted is None:
+            raise ValueError(f"dataset {source} has no test or validation split to evaluate on; splits: {names}")
+    loaded = load_dataset(name, config or None, split=wanted)
+    if "text" not in loaded.column_names:
+        raise ValueError(f"dataset {source} has no 'text' column; columns: {', '.join(loaded.column_names)}")
+    return Dataset.from_dict({"text": ["\n".join(loaded["text"])]})
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (vocabulary 256): no download, no training, every text representable."""
+def _quietly(load, *args, **kwargs):
+    """`load(*args, **kwargs)` without datasets' progress bars (which call reading a local file "Downloading")."""
+    import datasets
 
-    vocab_size = 256
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
-    def encode(self, text: bytes | str) -> torch.Tensor:
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+def _held_out_split(texts: list[str], split: str, fraction: float) -> list[str]:
+    """The documents before (train) or after (test) the point `1 - fraction` of the way through their characters;
+    the document holding that point is cut at the line break after it (at the point itself when none follows), its
+    head training and its tail held out."""
+    cut = int(sum(map(len, texts)) * (1 - fraction))
+    index, seen = 0, 0
+    while index < len(texts) - 1 and seen + len(texts[index]) <= cut:
+        seen += len(texts[index])
+        index += 1
+    text = texts[index]
+    at = text.find("\n", cut - seen)
+    at = cut - seen if at < 0 else at + 1  # no line break after the point: cut at the point itself
+    head, tail = texts[:index] + [text[:at]], [text[at:]] + texts[index + 1 :]
+    chosen = [t for t in (head if split == "train" else tail) if t]
+    if not chosen:
+        raise ValueError(f"the text is too short to hold out {fraction:.1%} of it for evaluation: use more text")
+    return chosen
 
 
-def train_validation_split(tokens: torch.Tensor, validation_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first part for training, the last `validation_fraction` held out (contiguous, so no window straddles)."""
-    if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    cut = int(len(tokens) * (1 - validation_fraction))
-    return tokens[:cut], tokens[cut:]
+def read_text(source: str | None = None, split: str = "train", held_out_fraction: float = HELD_OUT_FRACTION) -> str:
+    """`documents(source, split)` as one string (documents separated by a blank line)."""
+    return "\n\n".join(documents(source, split, held_out_fraction)["text"])
+
+
+def tokenize_documents(texts, tokenizer):
+    """Token ids of every document (a `datasets.Dataset` "input_ids" column), each document ending in the tokenizer's
+    end-of-text token when it has one (GPT-2's convention), so that documents joined together stay apart."""
+    eos = tokenizer.eos_token_id
+
+    def encode(batch):
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": [row + [eos] if eos is not None else row for row in ids]}
+
+    return texts.map(encode, batched=True, remove_columns=texts.column_names, desc="tokenizing")
+
+
+def token_stream(
+    source: str | None, split: str, tokenizer, held_out_fraction: float = HELD_OUT_FRACTION
+) -> torch.Tensor:
+    """Every document of `source`'s `split`, tokenized and joined, as one 1-D tensor of ids."""
+    ids = tokenize_documents(documents(source, split, held_out_fraction), tokenizer)["input_ids"]
+    return torch.tensor([token for row in ids for token in row], dtype=torch.long)
+
+
+def group_into_blocks(tokenized, length: int):
+    """Blocks of exactly `length` ids from the documents joined end to end (a block may span two documents; the
+    remainder is dropped), with "labels" = "input_ids": transformers' run_clm grouping."""
+
+    def group(batch):
+        joined = [token for row in batch["input_ids"] for token in row]
+        usable = len(joined) // length * length
+        blocks = [joined[i : i + length] for i in range(0, usable, length)]
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+
+    # one batch: blocks run across every document, so nothing but the final remainder is dropped
+    return tokenized.map(group, batched=True, batch_size=None, remove_columns=tokenized.column_names, desc="grouping")
+
+
+def document_blocks(tokenized, length: int):
+    """Blocks of at most `length` ids that never cross a document boundary (each document cut into pieces; pieces
+    under 2 ids, which teach nothing, dropped), for packing with `DataCollatorWithFlattening`."""
+
+    def cut(batch):
+        pieces = [row[i : i + length] for row in batch["input_ids"] for i in range(0, len(row), length)]
+        return {"input_ids": [p for p in pieces if len(p) >= 2]}
+
+    return tokenized.map(cut, batched=True, remove_columns=tokenized.column_names, desc="cutting documents")

@@ -1,32 +1,76 @@
-"""`hf-posenc eval`: perplexity against length for any causal LM, posenc or stock."""
+"""`hf-posenc eval`: perplexity, or passkey retrieval, against length for any causal LM, posenc or stock, on
+held-out text.
+
+By default the text is the held-out part of what the model was trained on: the data and held-out fraction that
+`hf-posenc train` recorded next to the model, else the held-out part of the standard-library text. Training never
+reads that part, so the score is never one of text the model has seen.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from .data import ByteTokenizer, read_text
+from .data import HELD_OUT_FRACTION, STDLIB, load_tokenizer, read_text, token_stream
 from .evaluation import perplexity
+from .push import TRAINING_RECORD, weights_digest
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("perplexity", "passkey")
 
 
-def load_tokens(model_path: str, data: str | None, tokenizer: str | None) -> torch.Tensor:
-    """The evaluation text of `data` as ids (see `tokenize`)."""
-    return tokenize(read_text(data, split="test"), model_path, tokenizer)
+def check_model_path(model_path: str | Path) -> None:
+    """Refuse, before any work, a model that is neither a local folder with a config.json nor a Hub name."""
+    path = Path(model_path)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model: {model_path} is a folder without config.json (not a saved model)")
+        return
+    if path.exists() or str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") > 1:
+        raise ValueError(f"model: no saved model folder at {model_path}")
 
 
-def tokenize(text: bytes, model_path: str, tokenizer: str | None = None) -> torch.Tensor:
-    """`text` as ids: with `tokenizer` ("bytes", a path or name), else the model folder's own tokenizer if it has one,
-    else bytes."""
-    if tokenizer in (None, "auto") and not (Path(model_path) / "tokenizer_config.json").exists():
-        tokenizer = "bytes"
-    if tokenizer == "bytes":
-        return ByteTokenizer().encode(text)
-    from transformers import AutoTokenizer
+def training_record(model_path: str | Path) -> dict:
+    """What `hf-posenc train` recorded next to the model ({} for other models)."""
+    path = Path(model_path) / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
 
-    loaded = AutoTokenizer.from_pretrained(model_path if tokenizer in (None, "auto") else tokenizer)
-    return torch.tensor(loaded(text.decode("utf-8", errors="replace"))["input_ids"])
+
+def held_out_data(model_path: str | Path, data: str | None) -> tuple[str, float]:
+    """(data source, held-out fraction) to evaluate on: `data` if given, else the model's recorded training data,
+    else the standard-library text; the fraction the training recorded, else the default."""
+    record = training_record(model_path)
+    return data or record.get("data") or STDLIB, record.get("held_out_fraction", HELD_OUT_FRACTION)
+
+
+def load_model(model_path: str, device: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(model_path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+    except OSError as error:  # not a local folder, and the Hub did not have it (or could not be reached)
+        raise ValueError(
+            f"model: {model_path} is no local folder, and loading it as a Hub name failed: {error}"
+        ) from error
+    return model.to(device).eval()
+
+
+def _header(model, model_path: str, task: str, data: str) -> dict:
+    local = Path(model_path).is_dir()
+    return {
+        "task": task,
+        "model": str(model_path),
+        "posenc": getattr(model.config, "posenc", None),
+        "weights_sha256": weights_digest(model_path) if local else None,
+        "data": data,
+        "split": "test",
+    }
 
 
 def evaluate_lengths(
@@ -37,18 +81,26 @@ def evaluate_lengths(
     max_tokens: int | None = 16384,
     tokenizer: str | None = None,
     device: str | None = None,
+    progress: bool = True,
 ) -> dict:
-    """{"model", "lengths": {length: {"ppl", "nll", "tokens"} or {"error"}}} for every length."""
-    from transformers import AutoModelForCausalLM
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
-    tokens = load_tokens(model_path, data, tokenizer)
-    results = {"model": model_path, "posenc": getattr(model.config, "posenc", None), "stride": stride, "lengths": {}}
+    """Perplexity at every length on the held-out text (see the module docstring):
+    {"task": "perplexity", "model", "posenc", "weights_sha256", "data", "split", "stride",
+    "lengths": {length: {"ppl", "nll", "tokens"} or {"error"}}}."""
+    model = load_model(model_path, device)
+    source, fraction = held_out_data(model_path, data)
+    tokens = token_stream(source, "test", load_tokenizer(tokenizer, model_path), fraction)
+    results = _header(model, model_path, "perplexity", source) | {"stride": stride, "lengths": {}}
     for length in lengths:
         window_stride = None if stride is None else min(stride, length)
         try:
-            results["lengths"][length] = perplexity(model, tokens, length, stride=window_stride, max_tokens=max_tokens)
+            results["lengths"][length] = perplexity(
+                model,
+                tokens,
+                length,
+                stride=window_stride,
+                max_tokens=max_tokens,
+                progress=f"perplexity @{length}" if progress else None,
+            )
         except ValueError as error:  # a posenc learned table that ends, or too little text: reported, not fatal
             results["lengths"][length] = {"error": str(error)}
         except IndexError as error:  # a stock model's position table ends (nn.Embedding's own error)
@@ -57,7 +109,34 @@ def evaluate_lengths(
     return results
 
 
+def evaluate_passkey(
+    model_path: str,
+    lengths: list[int],
+    data: str | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Passkey retrieval accuracy by length and depth, the filler cut from the held-out text (`passkey_accuracy`'s
+    results with this module's header); `options` go to `passkey_accuracy` (depths, samples, digits, seed)."""
+    from .passkey import passkey_accuracy
+
+    model = load_model(model_path, device)
+    source, fraction = held_out_data(model_path, data)
+    filler = read_text(source, "test", fraction)
+    results = passkey_accuracy(
+        model, load_tokenizer(tokenizer, model_path), filler, lengths, progress=progress, **options
+    )
+    return _header(model, model_path, "passkey", source) | results
+
+
 def markdown(results: dict) -> str:
+    """The results as a markdown table (passkey results as passkey's own table)."""
+    if results.get("task") == "passkey":
+        from .passkey import markdown as passkey_markdown
+
+        return passkey_markdown(results)
     rows = ["| length | perplexity | tokens scored |", "|---|---|---|"]
     for length, result in results["lengths"].items():
         if "error" in result:
@@ -65,6 +144,21 @@ def markdown(results: dict) -> str:
         else:
             rows.append(f"| {length} | {result['ppl']:.3f} | {result['tokens']:,} |")
     return "\n".join(rows) + "\n"
+
+
+def describe(results: dict) -> str:
+    """One line saying what was evaluated, on what text, how."""
+    how = (
+        "non-overlapping windows"
+        if results.get("stride") is None
+        else f"sliding windows, the last {results['stride']} tokens of each scored"
+    )
+    if results.get("task") == "passkey":
+        how = f"{results['samples']} keys of {results['digits']} digits at each depth"
+    return (
+        f"{results['model']} (posenc={results['posenc']}): {results['task']} on the held-out part of "
+        f"{results['data']}, {how}"
+    )
 
 
 def write(results: dict, out: str | Path | None) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from tqdm.auto import tqdm
 
 
 @torch.no_grad()
@@ -15,6 +16,7 @@ def perplexity(
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 8,
+    progress: str | None = None,
 ) -> dict:
     """Perplexity of a causal LM on `tokens` (1-D ids) read in windows of `length`.
 
@@ -27,6 +29,7 @@ def perplexity(
             window scores all), so most tokens see `length - stride` tokens of context.
         max_tokens: evaluate only the first `max_tokens` tokens (the same text at every length).
         batch_size: windows per forward.
+        progress: a progress bar over the batches with this description (None: none).
 
     Returns:
         {"ppl", "nll" (mean, nats), "tokens" (scored)}.
@@ -43,7 +46,7 @@ def perplexity(
     device = next(model.parameters()).device
     model.eval()
     total_nll, scored = 0.0, 0
-    for first in range(0, len(starts), batch_size):
+    for first in tqdm(range(0, len(starts), batch_size), desc=progress, disable=progress is None, leave=False):
         batch_starts = starts[first : first + batch_size]
         windows = torch.stack([tokens[s : s + length] for s in batch_starts]).to(device)  # (B, length)
         logits = model(windows).logits[:, :-1].float()

@@ -1,121 +1,368 @@
-"""`hf-posenc train`: pre-train or fine-tune a posenc causal LM with transformers' Trainer (accelerate underneath)."""
+"""`hf-posenc train`: pre-train or fine-tune a posenc causal LM with transformers' Trainer (accelerate underneath).
+
+The command line is `HfArgumentParser` over three dataclasses: `PosencArguments` (the model and its scheme),
+`DataArguments` (the text, the block length, packing) and transformers' own `TrainingArguments`, so every Trainer
+option (evaluation, resuming, bf16, gradient accumulation and checkpointing, logging integrations) works from a YAML
+file (`--config`) and from the command line (`--max_steps 100` or `max_steps=100`), the command line winning.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import math
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
-import torch
+import yaml
 
 from .. import archs
-from .compare import tiny_config
-from .data import STDLIB, ByteTokenizer, read_text
+from .data import AUTO, BYTES, HELD_OUT_FRACTION, STDLIB, check_source, has_tokenizer
 from .push import TRAINING_RECORD
 
 logger = logging.getLogger(__name__)
 
+#: the Trainer defaults of `hf-posenc train` (a small model from scratch on 2 CPU cores); any of them, and every other
+#: TrainingArguments field, can be set in the YAML file or on the command line
+TRAINING_DEFAULTS = {
+    "output_dir": "runs/train",
+    "max_steps": 200,
+    "per_device_train_batch_size": 8,
+    "per_device_eval_batch_size": 8,
+    "learning_rate": 1e-3,
+    "warmup_steps": 20,
+    "weight_decay": 0.01,
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 0,
+}
+#: short names the other commands use too (`compare` has `steps` and `batch_size`)
+ALIASES = {"steps": "max_steps", "batch_size": "per_device_train_batch_size"}
+
 
 @dataclass
-class TrainConfig:
-    """A training run: a new small model of `arch` or a `checkpoint` converted to `posenc`, trained on `data`."""
+class PosencArguments:
+    """The model: a new small one of `arch`, or `checkpoint` converted to `posenc`."""
 
-    posenc: str | dict = "alibi"
-    arch: str = "gpt2"
-    checkpoint: str | None = None
-    layers: int = 4
-    hidden_size: int = 128
-    heads: int = 4
-    data: str | None = STDLIB
-    tokenizer: str = "bytes"
-    seq_length: int = 128
-    steps: int = 200
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    logging_steps: int = 10
-    save_steps: int | None = None
-    seed: int = 0
-    output_dir: str = "runs/train"
+    posenc: str = field(
+        default="alibi",
+        metadata={"help": "the scheme: a name (`hf-posenc schemes`) or a mapping, e.g. '{type: rope, factor: 4}'"},
+    )
+    arch: str = field(default="gpt2", metadata={"help": "a verified decoder to build from scratch (no checkpoint)"})
+    checkpoint: str | None = field(
+        default=None, metadata={"help": "a causal LM folder (or Hub name) to convert to posenc and fine-tune"}
+    )
+    layers: int = field(default=4, metadata={"help": "layers of a new model"})
+    hidden_size: int = field(default=128, metadata={"help": "width of a new model"})
+    heads: int = field(default=4, metadata={"help": "attention heads of a new model"})
+    tokenizer: str = field(
+        default=AUTO,
+        metadata={
+            "help": "'auto': the checkpoint's own tokenizer, else bytes; 'bytes': the byte-level tokenizer (no "
+            "download); or a tokenizer path/name"
+        },
+    )
 
-    def validate(self) -> None:
-        if self.checkpoint is None and self.arch not in archs.decoders():
+    def __post_init__(self):
+        if isinstance(self.posenc, str) and self.posenc.lstrip().startswith("{"):
+            self.posenc = yaml.safe_load(self.posenc)  # a mapping given on the command line
+
+
+@dataclass
+class DataArguments:
+    """The text and how it is cut into training examples."""
+
+    data: str = field(
+        default=STDLIB,
+        metadata={"help": "'stdlib' (no download), a text file, a folder of .txt files or a datasets name"},
+    )
+    seq_length: int = field(default=128, metadata={"help": "tokens per training block"})
+    held_out_fraction: float = field(
+        default=HELD_OUT_FRACTION,
+        metadata={"help": "the end of local text held out for evaluation (never trained on)"},
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "padding-free packing: blocks never cross a document, a batch is one row with position_ids "
+            "restarting per block (transformers' DataCollatorWithFlattening)"
+        },
+    )
+    max_eval_blocks: int = field(
+        default=64, metadata={"help": "held-out blocks scored after training and at each evaluation (0: all)"}
+    )
+
+
+def _parser():
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(
+        (PosencArguments, DataArguments, TrainingArguments),
+        prog="hf-posenc train",
+        description="Pre-train or fine-tune a posenc causal LM with transformers' Trainer. Every field below can be "
+        "set in the --config YAML file and on the command line (--name value or name=value); the command line wins.",
+    )
+    parser.add_argument("--config", help="YAML file of any fields below (see configs/train_*.yaml)")
+    import torch
+
+    # without a GPU: CPU (processes that accelerate launches then train data-parallel over gloo), no pinned memory
+    gpu = torch.cuda.is_available()
+    parser.set_defaults(**TRAINING_DEFAULTS, use_cpu=not gpu, dataloader_pin_memory=gpu)
+    return parser
+
+
+def _field_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for cls in (PosencArguments, DataArguments, TrainingArguments) for f in fields(cls) if f.init}
+
+
+def _flags(argv: list[str]) -> list[str]:
+    """`name=value` items as `--name value` (names with an alias resolved), flags as they are."""
+    out = []
+    for item in argv:
+        name, sep, value = item.partition("=")
+        if item.startswith("-") or not sep:
+            out.append(item)
+            continue
+        out += [f"--{ALIASES.get(name, name)}", value]
+    return [{f"--{short}": f"--{long}" for short, long in ALIASES.items()}.get(item, item) for item in out]
+
+
+def parse_train_arguments(argv: list[str] | None = None, values: dict[str, Any] | None = None):
+    """(PosencArguments, DataArguments, TrainingArguments) from `argv` (with an optional `--config` YAML file) and
+    `values` (the fields as a mapping, as a YAML file gives them: the programmatic form). Unknown names, bad types and
+    a missing file raise ValueError naming them."""
+    parser = _parser()
+    argv = _flags(list(argv or []))
+    config_path = None
+    if "--config" in argv:
+        at = argv.index("--config")
+        if at + 1 >= len(argv):
+            raise ValueError("--config needs a YAML file")
+        config_path = argv[at + 1]
+        del argv[at : at + 2]
+    loaded = dict(values or {})
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ValueError(f"--config: no such file {config_path}")
+        from_file = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{config_path}: a run config is a mapping of fields to values")
+        loaded = from_file | loaded
+    loaded = {ALIASES.get(key, key): value for key, value in loaded.items()}
+    known = _field_names()
+    flags = {item[2:].partition("=")[0].replace("-", "_") for item in argv if item.startswith("--")}
+    unknown = sorted((set(loaded) | {f for f in flags if f.removeprefix("no_") not in known}) - known)
+    if unknown:
+        hint = "; `hf-posenc train --help` lists every field (PosencArguments, DataArguments, TrainingArguments)"
+        raise ValueError(f"{config_path or 'train'}: unknown field(s) {unknown}{hint}")
+    parser.set_defaults(**loaded)
+    try:
+        posenc_args, data_args, training_args, *_ = parser.parse_args_into_dataclasses(args=argv)
+    except SystemExit as exit_:  # argparse printed the error (naming the field and what it takes)
+        raise ValueError("invalid arguments (see the message above)") from exit_
+    validate(posenc_args, data_args)
+    return posenc_args, data_args, training_args
+
+
+def validate(posenc_args: PosencArguments, data_args: DataArguments) -> None:
+    """Every check that needs no data and no weights: the scheme against the model it will be built on, the data
+    source, the sizes. Runs before any work, so a typo fails in a second, naming the field."""
+    from ..auto import with_posenc
+
+    for key in ("layers", "hidden_size", "heads", "seq_length"):
+        owner = posenc_args if hasattr(posenc_args, key) else data_args
+        if getattr(owner, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(owner, key)}")
+    if data_args.max_eval_blocks < 0:
+        raise ValueError(f"max_eval_blocks must be >= 0 (0: all), got {data_args.max_eval_blocks}")
+    if not 0 < data_args.held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {data_args.held_out_fraction}")
+    check_source(data_args.data)
+    if posenc_args.checkpoint is None:
+        if posenc_args.arch not in archs.decoders():
             raise ValueError(
-                f"arch must be a verified decoder, one of {', '.join(archs.decoders())}; got {self.arch!r}"
+                f"arch must be a verified decoder, one of {', '.join(archs.decoders())}; got {posenc_args.arch!r}"
             )
-        for key in ("seq_length", "steps", "batch_size", "layers", "hidden_size", "heads", "logging_steps"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ValueError(f"save_steps must be >= 1 or null, got {self.save_steps}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        stock = _stock_config(posenc_args, data_args, vocab_size=257)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            stock = AutoConfig.from_pretrained(posenc_args.checkpoint)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"checkpoint: cannot load the config of {posenc_args.checkpoint}: {error}") from error
+        archs.check_scheme(stock.model_type, posenc_args.posenc)
+    try:
+        with_posenc(stock, posenc_args.posenc)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"posenc: {error}") from error
 
 
-def token_stream(config: TrainConfig) -> tuple[torch.Tensor, object | None]:
-    """The training text (`read_text`: stdlib, local files, or a `datasets` name) as ids, and the Hugging Face
-    tokenizer used (None for bytes)."""
-    text = read_text(config.data)
-    if config.tokenizer == "bytes":
-        return ByteTokenizer().encode(text), None
-    from transformers import AutoTokenizer
+def _stock_config(posenc_args: PosencArguments, data_args: DataArguments, vocab_size: int, eos: int | None = None):
+    from .compare import tiny_config
 
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-    return torch.tensor(tokenizer(text.decode("utf-8", errors="replace"))["input_ids"]), tokenizer
+    if posenc_args.hidden_size % posenc_args.heads:
+        raise ValueError(f"hidden_size {posenc_args.hidden_size} must be a multiple of heads {posenc_args.heads}")
+    return tiny_config(
+        posenc_args.arch,
+        posenc_args.layers,
+        posenc_args.hidden_size,
+        posenc_args.heads,
+        data_args.seq_length,
+        vocab_size,
+        eos_token_id=eos,
+    )
 
 
-def build_model(config: TrainConfig, vocab_size: int):
+def training_tokenizer(posenc_args: PosencArguments):
+    """The tokenizer the model trains with: `tokenizer` as given; by default ("auto") a checkpoint's own, else the
+    byte-level one. Byte ids fed to a checkpoint that has its own tokenizer are refused unless asked for by name."""
+    from .data import load_tokenizer
+
+    checkpoint = posenc_args.checkpoint
+    if checkpoint is not None and posenc_args.tokenizer == BYTES and _has_own_tokenizer(checkpoint):
+        logger.warning(
+            "tokenizer=bytes: %s has its own tokenizer, and training feeds it byte ids instead (as asked); leave "
+            "tokenizer unset ('auto') to train it with its own",
+            checkpoint,
+        )
+    return load_tokenizer(posenc_args.tokenizer, checkpoint)
+
+
+def _has_own_tokenizer(checkpoint: str) -> bool:
+    if Path(checkpoint).exists():
+        return has_tokenizer(checkpoint)
+    return True  # a Hub name: its repository has a tokenizer, or AutoTokenizer says it lacks one
+
+
+def build_model(posenc_args: PosencArguments, data_args: DataArguments, tokenizer, seed: int):
+    import torch
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(config.seed)
-    if config.checkpoint is not None:
-        return AutoModelForCausalLM.from_pretrained(config.checkpoint, posenc=config.posenc)
-    stock = tiny_config(config.arch, config.layers, config.hidden_size, config.heads, config.seq_length, vocab_size)
-    return AutoModelForCausalLM.from_config(stock, posenc=config.posenc)
+    torch.manual_seed(seed)
+    if posenc_args.checkpoint is not None:
+        model = AutoModelForCausalLM.from_pretrained(posenc_args.checkpoint, posenc=posenc_args.posenc)
+    else:
+        stock = _stock_config(posenc_args, data_args, len(tokenizer), tokenizer.eos_token_id)
+        stock.pad_token_id = tokenizer.pad_token_id  # as Trainer would align it, without its warning
+        model = AutoModelForCausalLM.from_config(stock, posenc=posenc_args.posenc)
+    if model.config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} ids but the model only {model.config.vocab_size}: train it with its "
+            "own tokenizer (tokenizer=auto)"
+        )
+    return model
 
 
-def run_train(config: TrainConfig) -> dict:
-    """Train and save the final model (a loadable posenc model) under `output_dir/final`.
+def datasets_for(data_args: DataArguments, tokenizer, main_process_first):
+    """(training blocks, held-out blocks): grouped blocks of `seq_length` (document blocks when packing); the
+    held-out ones are always grouped, at most `max_eval_blocks`."""
+    from .data import document_blocks, documents, group_into_blocks, tokenize_documents
 
-    Returns {"final": folder, "world_size": processes that trained, "train_loss": mean training loss}."""
-    from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    with main_process_first(desc="reading and tokenizing the data"):
+        train_text = tokenize_documents(documents(data_args.data, "train", data_args.held_out_fraction), tokenizer)
+        test_text = tokenize_documents(documents(data_args.data, "test", data_args.held_out_fraction), tokenizer)
+        cut = document_blocks if data_args.packing else group_into_blocks
+        train_set = cut(train_text, data_args.seq_length)
+        eval_set = group_into_blocks(test_text, data_args.seq_length)
+    if len(train_set) == 0:
+        raise ValueError(f"the training text holds fewer tokens than one block of {data_args.seq_length}")
+    if data_args.max_eval_blocks and len(eval_set) > data_args.max_eval_blocks:
+        eval_set = eval_set.select(range(data_args.max_eval_blocks))
+    return train_set, (eval_set if len(eval_set) else None)
 
-    config.validate()
-    tokens, tokenizer = token_stream(config)
-    vocab_size = ByteTokenizer.vocab_size if tokenizer is None else len(tokenizer)
-    usable = (len(tokens) // config.seq_length) * config.seq_length
-    if usable == 0:
-        raise ValueError(f"the data has {len(tokens)} tokens, fewer than one sequence of {config.seq_length}")
-    chunks = tokens[:usable].view(-1, config.seq_length)
-    dataset = Dataset.from_dict({"input_ids": chunks.tolist(), "labels": chunks.tolist()}).with_format("torch")
-    model = build_model(config, vocab_size)
-    if model.config.vocab_size < vocab_size:
-        raise ValueError(f"the tokenizer has {vocab_size} ids but the model only {model.config.vocab_size}")
-    args = TrainingArguments(
-        output_dir=config.output_dir,
-        max_steps=config.steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        weight_decay=config.weight_decay,
-        lr_scheduler_type="cosine",
-        logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no",
-        save_steps=config.save_steps or 500,
-        report_to=[],
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_drop_last=True,
+
+def run_train(posenc_args: PosencArguments, data_args: DataArguments, training_args) -> dict:
+    """Train and save the final model with its tokenizer (a loadable posenc model) under `output_dir/final`.
+
+    Returns {"final": folder, "world_size": processes that trained, "train_loss": mean training loss,
+    "eval_loss" and "eval_perplexity" on the held-out blocks (None without held-out text)}."""
+    from transformers import DataCollatorWithFlattening, Trainer, default_data_collator
+
+    validate(posenc_args, data_args)
+    tokenizer = training_tokenizer(posenc_args)
+    train_set, eval_set = datasets_for(data_args, tokenizer, training_args.main_process_first)
+    model = build_model(posenc_args, data_args, tokenizer, training_args.seed)
+    if data_args.packing:
+        # transformers reads packed position_ids (and masks each block off from the others) only without a cache
+        model.config.use_cache = False
+        collator = DataCollatorWithFlattening()
+    else:
+        collator = default_data_collator
+    if eval_set is None and training_args.eval_strategy != "no":
+        raise ValueError(f"eval_strategy={training_args.eval_strategy} but the held-out text has no full block")
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        processing_class=tokenizer,
+        data_collator=collator,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    outcome = trainer.train()
-    final = Path(config.output_dir) / "final"
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero():  # what the model card needs to say how the model was trained
-        record = {"data": config.data, "seq_length": config.seq_length, "steps": config.steps, "posenc": config.posenc}
+    resume = training_args.resume_from_checkpoint
+    outcome = trainer.train(resume_from_checkpoint=_resume_value(resume))
+    metrics = trainer.evaluate() if eval_set is not None else {}
+    eval_loss = metrics.get("eval_loss")
+    final = Path(training_args.output_dir) / "final"
+    if data_args.packing:
+        model.config.use_cache = True  # the saved model generates with a cache
+    trainer.save_model(str(final))  # the tokenizer too (processing_class)
+    if trainer.is_world_process_zero():  # what the model card and `hf-posenc eval` need to know of the training
+        record = {
+            "data": data_args.data,
+            "held_out_fraction": data_args.held_out_fraction,
+            "seq_length": data_args.seq_length,
+            "steps": training_args.max_steps,
+            "posenc": posenc_args.posenc,
+            "checkpoint": posenc_args.checkpoint,
+            "tokenizer": posenc_args.tokenizer,
+            "packing": data_args.packing,
+            "eval_loss": eval_loss,
+        }
         (final / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    logger.info("trained on %d process(es); final model in %s", args.world_size, final)
-    return {"final": final, "world_size": args.world_size, "train_loss": outcome.training_loss}
+    logger.info("trained on %d process(es); final model in %s", training_args.world_size, final)
+    return {
+        "final": final,
+        "world_size": training_args.world_size,
+        "train_loss": outcome.training_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": None if eval_loss is None else math.exp(eval_loss),
+    }
+
+
+def _resume_value(resume: str | None):
+    """TrainingArguments keeps `resume_from_checkpoint` as a string: "true" resumes from the newest checkpoint of
+    output_dir, a path from that checkpoint."""
+    if resume is None or resume.lower() in ("false", "no", ""):
+        return None
+    return True if resume.lower() in ("true", "yes", "1") else resume
+
+
+def main(argv: list[str]) -> int:
+    """`hf-posenc train ARGS`: errors name the field and exit 2."""
+    if any(item in ("-h", "--help") for item in argv):
+        _parser().print_help()
+        return 0
+    try:
+        arguments = parse_train_arguments(argv)
+        result = run_train(*arguments)
+    except ValueError as error:
+        print(f"hf-posenc train: {error}", file=sys.stderr)
+        return 2
+    held_out = (
+        "no held-out text"
+        if result["eval_loss"] is None
+        else f"held-out loss {result['eval_loss']:.3f} (perplexity {result['eval_perplexity']:.2f})"
+    )
+    print(
+        f"trained on {result['world_size']} process(es), mean loss {result['train_loss']:.3f}, {held_out}; "
+        f"wrote {result['final']}"
+    )
+    return 0

@@ -44,12 +44,13 @@ class PerplexityByLength(evaluate.Metric):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from hf_posenc.workflow.evaluate_lengths import tokenize
+        from hf_posenc.workflow.data import load_tokenizer
         from hf_posenc.workflow.evaluation import perplexity
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         model = AutoModelForCausalLM.from_pretrained(model_id).to(device)
-        tokens = tokenize("\n".join(predictions).encode("utf-8"), model_id, tokenizer)
+        encode = load_tokenizer(tokenizer, model_id)
+        tokens = torch.tensor(encode("\n".join(predictions), add_special_tokens=False)["input_ids"])
         perplexities, counts = {}, {}
         for length in lengths:
             try:
