@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,20 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "| 128 | float32 | alibi: column trick |" in printed and "### Whole models" in printed
     assert main(["bench", "--sections", "attention,speed"]) == 2
+
+
+def test_threads_leave_busy_cores_alone(monkeypatch):
+    """compare's torch threads: as asked, else the cores other processes leave free (at least 1); busy cores are
+    measured from /proc/stat where it exists."""
+    from hf_posenc.workflow import compare
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert compare.choose_threads(3) == 3
+    monkeypatch.setattr(compare, "_busy_cores", lambda seconds, cores: 0.0)
+    assert compare.choose_threads() == cores
+    monkeypatch.setattr(compare, "_busy_cores", lambda seconds, cores: cores - 0.4)
+    assert compare.choose_threads() == 1
+    monkeypatch.undo()
+    assert 0 <= compare._busy_cores(0.05, cores) <= cores + 0.01
+    with pytest.raises(ValueError, match="threads must be >= 1 or null"):
+        load_config(CompareConfig, overrides={"threads": 0})

@@ -314,8 +314,9 @@ class FireBias(RelativeBias):
         self.b1 = nn.Parameter(torch.empty(hidden))
         self.w2 = nn.Parameter(torch.empty(num_heads, hidden))
         self.b2 = nn.Parameter(torch.empty(num_heads))
-        self.c = nn.Parameter(torch.empty(()))
-        self.threshold_multiplier = nn.Parameter(torch.empty(()))
+        # one-element vectors, not 0-dim: FSDP shards every parameter along a dimension and refuses scalars
+        self.c = nn.Parameter(torch.empty(1))
+        self.threshold_multiplier = nn.Parameter(torch.empty(1))
         self.posenc_init()
 
     @classmethod
@@ -340,8 +341,8 @@ class FireBias(RelativeBias):
         """psi(i - j) / psi(max(L, i)) for broadcastable query and key positions, float32."""
         q, k = q_positions.to(torch.float32), kv_positions.to(torch.float32)
         distance = q - k if causal else (q - k).abs()
-        c = self.c.float()
-        threshold = (self.threshold_multiplier.float() * self.init_threshold).abs()
+        c = self.c.float().reshape(())
+        threshold = (self.threshold_multiplier.float().reshape(()) * self.init_threshold).abs()
         numerator = torch.log((c * distance).abs() + 1)
         return numerator / (torch.log((c * torch.maximum(q, threshold)).abs() + 1) + self.EPS)
 

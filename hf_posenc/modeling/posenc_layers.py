@@ -999,8 +999,14 @@ class PosencPreTrainedMixin:
         # the closure goes in first, so that save_pretrained(push_to_hub=True) uploads it too
         if not os.path.isfile(save_directory):  # a file path: let transformers raise its own error
             os.makedirs(save_directory, exist_ok=True)
-            write_code_closure(type(self), save_directory)
+            write_code_closure(_unwrapped_class(self), save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _unwrapped_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 (`fully_shard`) swaps in a subclass made on the fly (`FSDP<Class>`), whose module
+    is torch's, not the one whose code the folder must ship."""
+    return next(cls for cls in type(model).__mro__ if not cls.__module__.startswith("torch."))
 
 
 #: the alignment of torch's CPU allocator, which every tensor of a freshly built model has

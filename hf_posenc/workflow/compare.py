@@ -533,19 +533,38 @@ class Passkey:
         return {"passkey": results}
 
 
-def choose_threads(requested: int | None = None) -> int:
-    """torch's intra-op threads: `requested`, else the cores that other processes leave free (the cores torch would
-    use, less the 1-minute load average, at least 1). A thread on a core another process holds waits for it at every
-    parallel region: on a loaded 2-core machine torch's default 2 threads trained 9x slower per step than 1 (README,
-    "Times")."""
+def choose_threads(requested: int | None = None, sample_seconds: float = 0.5) -> int:
+    """torch's intra-op threads: `requested`, else the cores that other processes leave free: all cores less those
+    busy over `sample_seconds` (from /proc/stat, while this process sleeps; the 1-minute load average where there is
+    no /proc/stat), at least 1. A thread on a core another process holds makes every parallel region wait for it: on a
+    2-core machine with one other busy process, torch's default 2 threads trained several times slower per step than 1
+    (README, "Times"; `scripts/thread_bench.py`)."""
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this platform
-        return cores
-    return max(1, min(cores, int(cores - load + 0.5)))
+    busy = _busy_cores(sample_seconds, cores)
+    return max(1, min(cores, int(cores - busy + 0.5)))
+
+
+def _busy_cores(seconds: float, cores: int) -> float:
+    """How many cores other processes kept busy over the last `seconds` (this one sleeps meanwhile)."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform either: assume idle
+            return 0.0
+
+    def sample():
+        fields = [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    total_before, idle_before = sample()
+    time.sleep(seconds)
+    total_after, idle_after = sample()
+    elapsed = max(1, total_after - total_before)
+    return cores * (1 - (idle_after - idle_before) / elapsed)
 
 
 def environment(device: torch.device) -> dict:
@@ -558,7 +577,7 @@ def environment(device: torch.device) -> dict:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
+        else f"cpu ({torch.get_num_threads()} threads of {os.cpu_count()} cores)",
     }
 
 

@@ -315,6 +315,7 @@ def run_train(posenc_args: PosencArguments, data_args: DataArguments, training_a
         model.config.use_cache = True  # the saved model generates with a cache
     trainer.save_model(str(final))  # the tokenizer too (processing_class)
     if trainer.is_world_process_zero():  # what the model card and `hf-posenc eval` need to know of the training
+        final.mkdir(parents=True, exist_ok=True)  # a sharded state dict (FSDP) writes no folder of its own
         record = {
             "data": data_args.data,
             "held_out_fraction": data_args.held_out_fraction,
