@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 import hf_posenc  # noqa: F401  (the posenc= keyword)
-from hf_posenc.workflow.data import byte_tokenizer, token_stream
+from hf_posenc.workflow.data import load_tokenizer, token_stream
 from hf_posenc.workflow.evaluation import perplexity
 from hf_posenc.workflow.train import parse_train_arguments, run_train
 
@@ -51,7 +51,8 @@ def main() -> None:
         checkpoint = run_train(*arguments)["final"]
 
     long = int(args.train_length * args.factor)
-    held_out = token_stream(None, "test", byte_tokenizer())  # the standard-library text's held-out end
+    tokenizer = load_tokenizer("auto", checkpoint)  # the checkpoint's own (a model trained here carries its tokenizer)
+    held_out = token_stream(None, "test", tokenizer)  # the standard-library text's held-out end
     yarn = {
         "type": "rope",
         "rope_type": "yarn",
@@ -68,6 +69,7 @@ def main() -> None:
     for name, short, extended in rows:
         print(f"{name:<18} {short:<10.2f} {extended:.2f}")
     model.save_pretrained(work / "yarn")
+    tokenizer.save_pretrained(work / "yarn")
     print(f"the YaRN model (same weights, new rope_parameters) is in {work / 'yarn'}")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import hf_posenc  # noqa: F401  (the posenc= keyword)
-from hf_posenc.workflow.data import byte_tokenizer, token_stream
+from hf_posenc.workflow.data import byte_tokenizer, load_tokenizer, token_stream
 from hf_posenc.workflow.evaluation import perplexity
 from hf_posenc.workflow.train import parse_train_arguments, run_train
 
@@ -34,17 +34,18 @@ def main() -> None:
         checkpoint = work / "stock-gpt2"
         stock = AutoConfig.for_model("gpt2", n_layer=2, n_embd=96, n_head=4, n_positions=128, vocab_size=257)
         AutoModelForCausalLM.from_config(stock).save_pretrained(checkpoint)
+        byte_tokenizer().save_pretrained(checkpoint)  # a checkpoint carries its tokenizer
 
     converted = AutoModelForCausalLM.from_pretrained(checkpoint, posenc=args.posenc)
     print(converted.posenc_conversion)
-    held_out = token_stream(None, "test", byte_tokenizer())  # the standard-library text's held-out end
+    tokenizer = load_tokenizer("auto", checkpoint)  # the checkpoint's own
+    held_out = token_stream(None, "test", tokenizer)  # the standard-library text's held-out end
     before = perplexity(converted, held_out, 128, max_tokens=4096)["ppl"]
 
     arguments = parse_train_arguments(
         values=dict(
             posenc=args.posenc,
             checkpoint=str(checkpoint),
-            tokenizer="bytes",  # the stand-in checkpoint has no tokenizer of its own
             seq_length=128,
             max_steps=args.steps,
             per_device_train_batch_size=8,

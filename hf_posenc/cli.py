@@ -14,7 +14,7 @@ def _command_index(argv: list[str]) -> int | None:
     """Where the command is in `argv` (after the top-level options), None without one."""
     at = 0
     while at < len(argv) and argv[at].startswith("-"):
-        at += 2 if argv[at] == "--log-level" else 1
+        at += 2 if argv[at] == "--log-level" else 1  # its value follows, unless given as --log-level=LEVEL
     return at if at < len(argv) else None
 
 
@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     at = _command_index(argv)
     level = "info"
-    if at is not None and "--log-level" in argv[:at]:
-        level = argv[argv.index("--log-level") + 1]
+    for index, item in enumerate(argv[:at]):
+        if item == "--log-level" and index + 1 < len(argv):
+            level = argv[index + 1]
+        elif item.startswith("--log-level="):
+            level = item.partition("=")[2]
     with _logging_at(level if level in LOG_LEVELS else "info"):
         return _main(argv)
 
@@ -168,6 +171,7 @@ def _main(argv: list[str]) -> int:
     evaluate.add_argument("--digits", type=int, default=5, help="passkey: digits of each key")
     evaluate.add_argument("--seed", type=int, default=0, help="passkey: the keys and filler offsets")
     evaluate.add_argument("--tokenizer", help="'bytes', a tokenizer path/name; default: the model folder's, else bytes")
+    evaluate.add_argument("--threads", type=int, help="torch threads on the CPU (default: the cores left free)")
     evaluate.add_argument("--out", help="write the results as JSON here (and the plot beside it, as .png)")
     at = _command_index(argv)
     if at is not None and argv[at] == "train":  # everything after `train` is HfArgumentParser's
@@ -228,7 +232,11 @@ def _compare(args) -> int:
         f"hf-posenc compare: {config.arch}, schemes {config.schemes}, L={config.train_length}, "
         f"{config.steps} steps, evaluated at {config.eval_lengths}"
     )
-    results = run_compare(config)
+    try:
+        results = run_compare(config)
+    except ValueError as error:  # found once the data is read (too little held-out text, ...)
+        print(f"hf-posenc compare: {error}", file=sys.stderr)
+        return 2
     paths = write_outputs(results, config.out)
     print(paths["table"].read_text())
     print("\n".join(f"wrote {path}" for path in paths.values()))
@@ -243,14 +251,8 @@ def _numbers(text: str, kind: type, name: str) -> list:
 
 
 def _eval(args) -> int:
-    from .workflow.evaluate_lengths import (
-        check_model_path,
-        describe,
-        evaluate_lengths,
-        evaluate_passkey,
-        markdown,
-        write,
-    )
+    from .workflow.evaluate_lengths import check_model_path, describe, markdown, write
+    from .workflow.threads import torch_threads
 
     try:  # everything that needs no model and no data, before any work
         check_model_path(args.model)
@@ -261,27 +263,20 @@ def _eval(args) -> int:
             from .workflow.data import check_source
 
             check_source(args.data)
-        if args.task == "passkey":
-            depths = _numbers(args.depths, float, "--depths")
-            results = evaluate_passkey(
-                args.model,
-                lengths,
-                data=args.data,
-                tokenizer=args.tokenizer,
-                depths=depths,
-                samples=args.samples,
-                digits=args.digits,
-                seed=args.seed,
-            )
-        else:
-            results = evaluate_lengths(
-                args.model,
-                lengths,
-                data=args.data,
-                stride=args.stride,
-                max_tokens=args.max_tokens or None,
-                tokenizer=args.tokenizer,
-            )
+        if args.stride is not None and args.stride < 1:
+            raise ValueError(f"--stride must be >= 1, got {args.stride}")
+        if args.max_tokens < 0:
+            raise ValueError(f"--max-tokens must be >= 0 (0: all), got {args.max_tokens}")
+        depths = _numbers(args.depths, float, "--depths")
+        if not depths or not all(0 <= d <= 1 for d in depths):
+            raise ValueError(f"--depths must be numbers in [0, 1], got {args.depths!r}")
+        for name in ("samples", "digits"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        with torch_threads(args.threads):
+            results = _evaluate(args, lengths, depths)
     except ValueError as error:
         print(f"hf-posenc eval: {error}", file=sys.stderr)
         return 2
@@ -295,6 +290,30 @@ def _eval(args) -> int:
             plot(results, path.with_suffix(".png"))
             print(f"wrote {path.with_suffix('.png')}")
     return 0
+
+
+def _evaluate(args, lengths: list[int], depths: list[float]) -> dict:
+    from .workflow.evaluate_lengths import evaluate_lengths, evaluate_passkey
+
+    if args.task == "passkey":
+        return evaluate_passkey(
+            args.model,
+            lengths,
+            data=args.data,
+            tokenizer=args.tokenizer,
+            depths=depths,
+            samples=args.samples,
+            digits=args.digits,
+            seed=args.seed,
+        )
+    return evaluate_lengths(
+        args.model,
+        lengths,
+        data=args.data,
+        stride=args.stride,
+        max_tokens=args.max_tokens or None,
+        tokenizer=args.tokenizer,
+    )
 
 
 def _push(args) -> int:

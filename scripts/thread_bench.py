@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--busy", default="0,1", help="comma-separated numbers of busy processes")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per setting")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     rows = []
     for busy in [int(n) for n in args.busy.split(",")]:
         spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(busy)]
@@ -77,7 +78,7 @@ def main() -> None:
         one = results.get(1, statistics.median(results.values()))
         for threads, seconds in results.items():
             rows.append({"busy": busy, "threads": threads, "step_s": seconds, "x_one_thread": seconds / one})
-    print(f"{cores} cores; load average before: {os.getloadavg()[0]:.2f}")
+    print(f"{cores} cores; 1-minute load average before: {load_before:.2f}")
     print("| busy processes | torch threads | median step (s) | time x 1 thread |")
     print("|---|---|---|---|")
     for row in rows:

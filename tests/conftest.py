@@ -131,7 +131,7 @@ def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None
         for name, param in model.named_parameters():
             if "relative_attention_bias" in name or "wpe" in name or "embed_positions" in name:
                 param.normal_(0.0, 1.0)
-            elif "position_bias" in name and param.dim() > 0:  # KERPLE's and FIRE's per-head and MLP parameters
+            elif "position_bias" in name and not name.endswith((".c", ".threshold_multiplier")):  # KERPLE's, FIRE's MLP
                 param.uniform_(0.5, 2.0)  # (positive: KERPLE's are clamped at 0.01; FIRE's c and threshold kept)
     return model.eval()
 

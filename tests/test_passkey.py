@@ -249,9 +249,13 @@ def test_scoring_against_fake_models(tokenizer):
         for length in lengths:
             assert results["lengths"][length]["accuracy"] == expected, type(model).__name__
             assert set(results["lengths"][length]["by_depth"].values()) == {expected}
-    # one wrong answer token is a miss, even the last one
+    assert all(results["lengths"][n]["token_accuracy"] == 0.0 for n in lengths)  # the constant model's
+    # one wrong answer token is a miss, even the last one; partial credit counts the others
     results = passkey_accuracy(Peek(vocab, miss_last=True), tokenizer, FILLER, **kwargs)
+    answer_tokens = len(_ids(tokenizer, " 71432"))  # keys of 5 digits: the same number of tokens with these tokenizers
     assert all(results["lengths"][n]["accuracy"] == 0.0 for n in lengths)
+    for n in lengths:
+        assert results["lengths"][n]["token_accuracy"] == pytest.approx((answer_tokens - 1) / answer_tokens, abs=0.1)
 
 
 def test_scoring_by_depth_with_a_short_memory():
@@ -369,14 +373,15 @@ def test_markdown_table():
     results = _results()
     table = markdown(results)
     lines = table.strip().splitlines()
-    assert lines[0] == "| length | depth 0 | depth 0.5 | depth 1 | overall |"
+    assert lines[0] == "| length | depth 0 | depth 0.5 | depth 1 | overall | key tokens right |"
     assert len(lines) == 2 + 3
     assert lines[2].startswith("| 40 | n/a | n/a | n/a | n/a: length 40 is too short")
     by_depth = results["lengths"][128]["by_depth"]
+    at_128 = results["lengths"][128]
     assert lines[3] == f"| 128 | {by_depth[0.0]:.2f} | {by_depth[0.5]:.2f} | {by_depth[1.0]:.2f} | " + (
-        f"{results['lengths'][128]['accuracy']:.2f} |"
+        f"{at_128['accuracy']:.2f} | {at_128['token_accuracy']:.2f} |"
     )
-    assert lines[4].endswith("| 0.00 | 0.00 | 1.00 | 0.33 |")
+    assert lines[4].endswith(f"| 0.00 | 0.00 | 1.00 | 0.33 | {results['lengths'][256]['token_accuracy']:.2f} |")
     assert markdown(json.loads(json.dumps(results))) == table  # the same from the saved JSON
 
 

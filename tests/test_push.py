@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def trained(tmp_path_factory):
     byte_tokenizer().save_pretrained(folder)
     record = {"data": "stdlib", "held_out_fraction": 0.05, "seq_length": 64, "steps": 100, "posenc": POSENC}
     record |= {"checkpoint": None, "tokenizer": "bytes", "packing": True, "eval_loss": 1.5}
+    record |= {"weights_sha256": push.weights_digest(folder)}
     (folder / push.TRAINING_RECORD).write_text(json.dumps(record))
     evaluation = perplexity_json(folder.parent / "eval.json", folder)
     passkey = passkey_json(folder.parent / "passkey.json", folder)
@@ -89,13 +91,25 @@ def other(tmp_path_factory):
 
 
 def bare_copy(model_dir, destination, record=None):
-    """`model_dir` without its tokenizer, with `record` as its training record."""
+    """`model_dir` without its tokenizer, with `record` as its training record (with the copy's weights_sha256 unless
+    `record` sets one)."""
     destination.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copyfile(model_dir / name, destination / name)
     if record is not None:
+        record = {"weights_sha256": push.weights_digest(destination)} | record
         (destination / push.TRAINING_RECORD).write_text(json.dumps(record))
     return destination
+
+
+def folder_state(folder):
+    """Every file under `folder` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def leftovers(parent):
+    """Hidden build folders left in `parent`."""
+    return [p.name for p in parent.iterdir() if p.name.endswith(".building")]
 
 
 def test_dry_run_builds_the_repo_folder(trained, tmp_path, capsys):
@@ -152,7 +166,7 @@ def test_card_metadata_round_trips(trained, tmp_path):
     stdlib |= {"dataset_split": "test"}
     stdlib |= {"dataset_name": "Python standard-library source (stdlib)", "metric_type": "perplexity"}
     synthetic = {"task_type": "text-generation", "task_name": "passkey retrieval", "dataset_type": "synthetic"}
-    setting = "5-digit key, 10 samples per length"
+    setting = "5-digit key, 10 samples at each of 3 depths per length"
     synthetic |= {"dataset_name": f"passkey retrieval ({setting}) in Python standard-library source (stdlib)"}
     synthetic |= {"metric_type": "accuracy"}
     windows = "non-overlapping windows"
@@ -193,8 +207,8 @@ def test_card_says_how_perplexity_was_evaluated(trained, tmp_path):
 
 def test_evaluations_of_other_models_are_refused(trained, other, tmp_path):
     """Only this model's evaluations are accepted: compare's results.md and results.json and other JSONs are refused
-    before anything is written; another training's (its weights_sha256), another scheme's (posenc, when the JSON
-    records no digest) and a JSON that cannot tell are refused, and the folder is left without a card or plot."""
+    before anything is written; another training's (its weights_sha256), these weights under another scheme (posenc)
+    and a JSON that records no digest are refused, and the earlier build in the folder is left as it was."""
     model_dir, evaluation, _, _ = trained
     hub = tmp_path / "hub"
 
@@ -213,28 +227,41 @@ def test_evaluations_of_other_models_are_refused(trained, other, tmp_path):
     assert not hub.exists()
 
     push.build_hub_folder(model_dir, hub, "me/x", evaluations=[evaluation])  # a complete build, then refused ones
+    before = folder_state(hub)
     with pytest.raises(ValueError, match="evaluation of other weights .*the card only shows results of this model"):
         build_with(perplexity_json(tmp_path / "other.json", other))
-    alibi = perplexity_json(tmp_path / "alibi.json", model_dir, digest=None, posenc={"type": "alibi"})
-    with pytest.raises(ValueError, match='evaluation of another model \\(posenc {"type": "alibi"}'):
+    alibi = perplexity_json(tmp_path / "alibi.json", model_dir, posenc={"type": "alibi"})
+    with pytest.raises(ValueError, match='these weights with another positional scheme \\(posenc {"type": "alibi"}'):
         build_with(alibi)
     (tmp_path / "old.json").write_text(json.dumps({"stride": None, "lengths": {"64": {"ppl": 5.5}}}))
-    with pytest.raises(ValueError, match="records neither weights_sha256 nor posenc"):
+    with pytest.raises(ValueError, match="records no weights_sha256"):
         build_with(tmp_path / "old.json")
-    assert not (hub / "README.md").exists() and not (hub / push.PLOT).exists()
+    assert folder_state(hub) == before and not leftovers(tmp_path)
 
 
-def test_an_evaluation_without_digest_is_checked_by_scheme(trained, tmp_path, caplog):
-    """A JSON without weights_sha256 whose posenc is this model's is accepted with a logged warning, and the card
-    says only the scheme was checked."""
+@pytest.mark.parametrize("digest", ["missing", "null"])
+def test_an_evaluation_without_digest_is_refused(trained, tmp_path, digest):
+    """A JSON whose weights_sha256 is missing or null is refused even when its posenc is this model's: the message
+    says to re-run `hf-posenc eval` on the model folder; nothing is built."""
     model_dir, _, _, _ = trained
     undigested = perplexity_json(tmp_path / "eval.json", model_dir, digest=None)
-    with caplog.at_level("WARNING", logger="hf_posenc.workflow.push"):
-        out = push.build_hub_folder(model_dir, tmp_path / "hub", "me/x", evaluations=[undigested])
-    assert "records no weights_sha256" in caplog.text
-    text = (out / "README.md").read_text()
-    assert "only its positional scheme was checked to be this model's" in text and "| 64 | 5.500 |" in text
-    assert "was checked to be of these weights" not in text
+    if digest == "null":
+        undigested.write_text(json.dumps(json.loads(undigested.read_text()) | {"weights_sha256": None}))
+    with pytest.raises(
+        ValueError, match=f"records no weights_sha256.*re-run `hf-posenc eval` on {re.escape(str(model_dir))}"
+    ):
+        push.build_hub_folder(model_dir, tmp_path / "hub", "me/x", evaluations=[undigested])
+    assert not (tmp_path / "hub").exists() and not leftovers(tmp_path)
+
+
+def test_an_evaluation_of_other_weights_says_to_rerun_eval(trained, other, tmp_path):
+    """The refusal of another model's evaluation says which folder to re-run `hf-posenc eval` on."""
+    model_dir, _, _, _ = trained
+    theirs = perplexity_json(tmp_path / "other.json", other)
+    with pytest.raises(
+        ValueError, match=f"evaluation of other weights .*re-run `hf-posenc eval` on {re.escape(str(model_dir))}"
+    ):
+        push.load_evaluation(theirs, recorded_posenc(model_dir), [push.weights_digest(model_dir)], model_dir)
 
 
 def test_real_eval_jsons_are_accepted(trained, other, tmp_path):
@@ -328,7 +355,12 @@ def test_card_of_a_converted_checkpoint(trained, tmp_path):
     checkpoint.mkdir()
     (checkpoint / "config.json").write_text(json.dumps({"model_type": "llama", "_name_or_path": "meta/some-llama"}))
     local = bare_copy(model_dir, tmp_path / "local-converted", record | {"checkpoint": str(checkpoint)})
-    (local / push.TRAINING_RECORD).write_text(json.dumps(record | {"checkpoint": str(checkpoint), "packing": False}))
+    local_record = record | {
+        "checkpoint": str(checkpoint),
+        "packing": False,
+        "weights_sha256": push.weights_digest(local),
+    }
+    (local / push.TRAINING_RECORD).write_text(json.dumps(local_record))
     out = push.build_hub_folder(local, tmp_path / "out-local", "me/x", data="corpus/train.txt", license="llama2")
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model is None and card.data.datasets is None and card.data.license == "llama2"
@@ -385,6 +417,105 @@ def test_hub_folder_loads_without_the_plugin(trained, tmp_path):
     done = subprocess.run([sys.executable, "-c", loader], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "SAME True" in done.stdout
+
+
+@pytest.mark.parametrize("recorded", ["missing", "other"])
+def test_a_record_of_other_weights_is_ignored(trained, other, tmp_path, caplog, recorded):
+    """A training record without weights_sha256, or with another's (a later run wrote other weights into the
+    folder), is logged and left out: the card states no data, length, steps nor held-out loss of another run."""
+    model_dir, _, _, _ = trained
+    record = json.loads((model_dir / push.TRAINING_RECORD).read_text())
+    record |= {"data": "wikitext:wikitext-2-raw-v1", "checkpoint": "openai-community/gpt2", "tokenizer": "gpt2"}
+    if recorded == "missing":
+        del record["weights_sha256"]
+    else:
+        record["weights_sha256"] = push.weights_digest(other)
+    source = bare_copy(model_dir, tmp_path / "model")
+    (source / push.TRAINING_RECORD).write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="hf_posenc.workflow.push"):
+        out = push.build_hub_folder(source, tmp_path / "hub", "me/x")
+    expected = "records no weights_sha256" if recorded == "missing" else "is the record of other weights"
+    assert expected in caplog.text and push.TRAINING_RECORD in caplog.text
+    card = ModelCard.load(out / "README.md")
+    for line in ("- data: not recorded", "- training length: not recorded tokens", "- steps: not recorded"):
+        assert line in card.text
+    assert (
+        "held-out loss" not in card.text and "sequence packing" not in card.text and "Converted from" not in card.text
+    )
+    assert "tokenizer: none saved; token ids are UTF-8 byte values" in card.text
+    assert card.data.base_model is None and card.data.datasets is None and card.data.license == "apache-2.0"
+
+
+def test_a_record_of_these_weights_is_used(trained, tmp_path, caplog):
+    """The record whose weights_sha256 is the folder's weights is the card's training facts, with no warning."""
+    model_dir, _, _, _ = trained
+    with caplog.at_level("WARNING", logger="hf_posenc.workflow.push"):
+        out = push.build_hub_folder(model_dir, tmp_path / "hub", "me/x")
+    assert push.TRAINING_RECORD not in caplog.text
+    card = (out / "README.md").read_text()
+    assert "- steps: 100" in card and "- training length: 64 tokens" in card
+    assert "- held-out loss after training: 1.5000" in card
+
+
+def test_rebuild_leaves_nothing_of_an_earlier_build(trained, tmp_path):
+    """Rebuilding into the folder of an earlier build replaces all of it: the tokenizer of a model that had one is
+    not uploaded with a model that has none, nor any other file or folder left there."""
+    model_dir, _, _, _ = trained
+    out = tmp_path / "hub"
+    push.build_hub_folder(model_dir, out, "me/x")
+    assert push.is_hub_build(out) and (out / "tokenizer.json").exists() and (out / "tokenizer_config.json").exists()
+    (out / "notes.txt").write_text("left here")
+    (out / "sub").mkdir()
+    (out / "sub" / "f.bin").write_bytes(b"x")
+    bare = bare_copy(model_dir, tmp_path / "bare")
+    push.build_hub_folder(bare, out, "me/x")
+    names = {p.name for p in out.iterdir()}
+    assert not {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "notes.txt", "sub"} & names
+    assert {"model.safetensors", "config.json", "README.md"} <= names
+    assert "tokenizer: none saved" in (out / "README.md").read_text() and not leftovers(tmp_path)
+
+
+def test_a_foreign_folder_is_refused_and_left_untouched(trained, tmp_path, capsys):
+    """A non-empty folder that is not an earlier build (any files; a model folder, whose config has posenc but which
+    has no hf_posenc card; the model itself) is refused, naming it, and left as it was; an empty one is used."""
+    model_dir, _, _, _ = trained
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    (foreign / "README.md").write_text("---\ntags: [other]\n---\n# mine\n")
+    shutil.copyfile(model_dir / "config.json", foreign / "config.json")
+    before = folder_state(foreign)
+    refused = f"{re.escape(str(foreign))} is not empty and is not an earlier `hf-posenc push` build"
+    with pytest.raises(ValueError, match=refused + ".*choose an empty or new `--folder`"):
+        push.build_hub_folder(model_dir, foreign, "me/x")
+    assert folder_state(foreign) == before and not push.is_hub_build(foreign) and not leftovers(tmp_path)
+    argv = ["push", str(model_dir), "--repo-id", "me/x", "--folder", str(foreign), "--dry-run"]
+    assert main(argv) != 0 and "choose an empty or new `--folder`" in capsys.readouterr().err
+    assert folder_state(foreign) == before
+    with pytest.raises(ValueError, match="holds the model"):
+        push.build_hub_folder(model_dir, model_dir, "me/x")
+    with pytest.raises(ValueError, match="holds the model"):
+        push.build_hub_folder(model_dir, model_dir.parent, "me/x")
+    (tmp_path / "empty").mkdir()
+    assert push.is_hub_build(push.build_hub_folder(model_dir, tmp_path / "empty", "me/x"))
+
+
+def test_recorded_paths_are_never_hub_names(trained, tmp_path):
+    """The record's absolute local data and checkpoint (even gone) are not base_model nor datasets; relative paths
+    that are gone are local when shaped like paths; "name" and "owner/name" are Hub names."""
+    model_dir, _, _, _ = trained
+    gone = tmp_path / "gone"
+    record = {"data": str(gone / "corpus"), "seq_length": 64, "steps": 5, "checkpoint": str(gone / "ckpt")}
+    source = bare_copy(model_dir, tmp_path / "model", record)
+    card = ModelCard.load(push.build_hub_folder(source, tmp_path / "hub", "me/x") / "README.md")
+    assert card.data.base_model is None and card.data.datasets is None
+    assert "data: local text `corpus`" in card.text and "Converted from a local checkpoint" in card.text
+    assert str(gone) not in card.text
+    for local in ("./ckpt", "../ckpt", "~/ckpt", "/abs/ckpt", "runs/train/final", ".ckpt", "runs\\final", "C:/x/y"):
+        assert push._hub_id(local) is None and push._hub_dataset(local) is None, local
+    assert push._hub_id("openai-community/gpt2") == "openai-community/gpt2" and push._hub_id("gpt2") == "gpt2"
+    assert push._hub_dataset("wikitext:wikitext-2-raw-v1") == ("wikitext", "wikitext-2-raw-v1")
+    assert push._hub_dataset("user/data") == ("user/data", None)
 
 
 class FakeApi:

@@ -37,6 +37,7 @@ from ..modeling.posenc_schemes import LAYER_OPTIONS, SCHEMES, entry_scheme, norm
 from .data import HELD_OUT_FRACTION, byte_tokenizer, check_source, read_text, token_stream
 from .evaluation import perplexity
 from .plots import plot_compare
+from .threads import torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -421,13 +422,16 @@ def evaluate_scheme(
 
 def run_compare(config: CompareConfig, device: str | None = None) -> dict:
     """Train and evaluate every scheme of `config`; returns the results that `write_outputs` turns into files."""
-    from transformers import AutoModelForCausalLM
 
     config.validate()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = choose_threads(config.threads)
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
+    with torch_threads(config.threads if device.type == "cpu" else torch.get_num_threads()):
+        return _run_compare(config, device)
+
+
+def _run_compare(config: CompareConfig, device: torch.device) -> dict:
+    from transformers import AutoModelForCausalLM
+
     tokenizer = byte_tokenizer()
     train_tokens = token_stream(config.data, "train", tokenizer, config.held_out_fraction)
     held_out = token_stream(config.data, "test", tokenizer, config.held_out_fraction)
@@ -461,11 +465,12 @@ def run_compare(config: CompareConfig, device: str | None = None) -> dict:
 
 def _report(results: dict, row: dict) -> None:
     results["schemes"].append(row)
-    tqdm.write(
+    logger.info(
+        "%s",
         f"{row['name']:<24} loss {row['train_loss']:.3f}  "
         + "  ".join(
             f"ppl@{n} {'past table' if p is None else f'{p:.2f}'}" for n, p in row["eval"]["as trained"].items()
-        )
+        ),
     )
 
 
@@ -533,40 +538,6 @@ class Passkey:
         return {"passkey": results}
 
 
-def choose_threads(requested: int | None = None, sample_seconds: float = 0.5) -> int:
-    """torch's intra-op threads: `requested`, else the cores that other processes leave free: all cores less those
-    busy over `sample_seconds` (from /proc/stat, while this process sleeps; the 1-minute load average where there is
-    no /proc/stat), at least 1. A thread on a core another process holds makes every parallel region wait for it: on a
-    2-core machine with one other busy process, torch's default 2 threads trained several times slower per step than 1
-    (README, "Times"; `scripts/thread_bench.py`)."""
-    if requested is not None:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = _busy_cores(sample_seconds, cores)
-    return max(1, min(cores, int(cores - busy + 0.5)))
-
-
-def _busy_cores(seconds: float, cores: int) -> float:
-    """How many cores other processes kept busy over the last `seconds` (this one sleeps meanwhile)."""
-    stat = Path("/proc/stat")
-    if not stat.exists():
-        try:
-            return os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average on this platform either: assume idle
-            return 0.0
-
-    def sample():
-        fields = [int(v) for v in stat.read_text().splitlines()[0].split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields), idle
-
-    total_before, idle_before = sample()
-    time.sleep(seconds)
-    total_after, idle_after = sample()
-    elapsed = max(1, total_after - total_before)
-    return cores * (1 - (idle_after - idle_before) / elapsed)
-
-
 def environment(device: torch.device) -> dict:
     import transformers
 
@@ -618,7 +589,8 @@ def passkey_table(results: dict) -> str:
     lengths = list(first["lengths"])
     header = ["scheme"] + [f"passkey@{n}" for n in lengths]
     rows = [
-        f"\nPasskey retrieval: accuracy over {first['samples']} keys of {first['digits']} digits at each of the depths "
+        f"\nPasskey retrieval: keys retrieved whole, and in brackets the fraction of key tokens predicted, over "
+        f"{first['samples']} keys of {first['digits']} digits at each of the depths "
         f"{', '.join(f'{d:g}' for d in first['depths'])} (n/a: the length cannot hold the prompt, or past the "
         "model's table)\n",
         "| " + " | ".join(header) + " |",
@@ -628,7 +600,9 @@ def passkey_table(results: dict) -> str:
         cells = [name]
         for n in lengths:
             result = passkey["lengths"].get(n, passkey["lengths"].get(str(n), {}))
-            cells.append(f"{result['accuracy']:.2f}" if "accuracy" in result else "n/a")
+            cells.append(
+                f"{result['accuracy']:.2f} ({result['token_accuracy']:.2f})" if "accuracy" in result else "n/a"
+            )
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 

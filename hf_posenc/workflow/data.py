@@ -75,23 +75,42 @@ def byte_tokenizer():
     )
 
 
+#: files any one of which makes a folder hold a tokenizer AutoTokenizer can load
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model", "vocab.txt")
+
+
 def has_tokenizer(folder: str | Path) -> bool:
     """Whether a local model folder holds tokenizer files."""
-    return (Path(folder) / "tokenizer_config.json").exists()
+    return any((Path(folder) / name).exists() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(name: str | None = AUTO, model_path: str | Path | None = None):
+def load_tokenizer(name: str | None = AUTO, model_path: str | Path | None = None, vocab_size: int | None = None):
     """A Hugging Face tokenizer: `bytes` builds `byte_tokenizer()`; `auto` (or None) takes `model_path`'s own
-    tokenizer when the folder has one (a Hub name's too), else bytes; anything else is a tokenizer path or name."""
+    tokenizer (a folder's files, a Hub name's), else, for a folder without one, bytes; anything else is a tokenizer
+    path or name. With `vocab_size` (the model's), a tokenizer with more ids than the model embeds is refused, and so
+    is the bytes fallback for a model whose vocabulary is not the byte tokenizer's: name the tokenizer instead."""
+    fallback = False
     if name in (None, AUTO):
         if model_path is None or (Path(model_path).exists() and not has_tokenizer(model_path)):
-            return byte_tokenizer()
-        name = str(model_path)
+            name, fallback = BYTES, model_path is not None
+        else:
+            name = str(model_path)
     if name == BYTES:
-        return byte_tokenizer()
-    from transformers import AutoTokenizer
+        tokenizer = byte_tokenizer()
+    else:
+        from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"tokenizer: cannot load {name!r}: {error}") from error
+    if vocab_size is not None and (len(tokenizer) > vocab_size or (fallback and vocab_size != len(tokenizer))):
+        where = f"{model_path} has no tokenizer files and " if fallback else ""
+        raise ValueError(
+            f"tokenizer: {where}the {'byte-level ' if name == BYTES else ''}tokenizer has {len(tokenizer)} ids but the "
+            f"model embeds {vocab_size}: name the tokenizer the model was trained with (a path or name, or 'bytes')"
+        )
+    return tokenizer
 
 
 def check_source(source: str | None) -> None:
@@ -132,24 +151,32 @@ def documents(source: str | None = None, split: str = "train", held_out_fraction
     path = None if source in (None, STDLIB) else Path(source)
     if path is None or path.exists():
         files = stdlib_files() if path is None else [path] if path.is_file() else sorted(path.rglob("*.txt"))
-        loaded = _quietly(load_dataset, "text", data_files=[str(f) for f in files], sample_by="document")["train"]
+        # bytes that are not UTF-8 become U+FFFD rather than failing the read
+        loaded = _quietly(
+            load_dataset, "text", data_files=[str(f) for f in files], sample_by="document", encoding_errors="replace"
+        )["train"]
         texts = loaded["text"]
         return Dataset.from_dict(
             {"text": texts if split == "all" else _held_out_split(texts, split, held_out_fraction)}
         )
     name, _, config = source.partition(":")
-    wanted = "train" if split == "train" else None
-    if split != "train":
-        from datasets import get_dataset_split_names
+    from datasets import get_dataset_split_names
 
-        names = get_dataset_split_names(name, config or None)
-        wanted = next((s for s in ("test", "validation") if s in names), None)
-        if wanted is None:
-            raise ValueError(f"dataset {source} has no test or validation split to evaluate on; splits: {names}")
+    names = get_dataset_split_names(name, config or None)
+    held_out = next((s for s in ("test", "validation") if s in names), None)
+    if held_out is None and "train" not in names:
+        raise ValueError(f"dataset {source} has neither a train split nor a test/validation one; splits: {names}")
+    wanted = {"train": "train", "test": held_out or "train", "all": "train"}[split]
     loaded = load_dataset(name, config or None, split=wanted)
     if "text" not in loaded.column_names:
         raise ValueError(f"dataset {source} has no 'text' column; columns: {', '.join(loaded.column_names)}")
-    return Dataset.from_dict({"text": ["\n".join(loaded["text"])]})
+    # rows joined into one document (line-per-row data sets such as wikitext keep their lines together)
+    texts = ["\n".join(loaded["text"])]
+    if held_out is None and split != "all":  # no held-out split of its own: the end of train, as for local text
+        texts = _held_out_split(texts, split, held_out_fraction)
+    elif split == "all" and held_out is not None:
+        texts.append("\n".join(load_dataset(name, config or None, split=held_out)["text"]))
+    return Dataset.from_dict({"text": texts})
 
 
 def _quietly(load, *args, **kwargs):
@@ -167,8 +194,8 @@ def _quietly(load, *args, **kwargs):
 
 def _held_out_split(texts: list[str], split: str, fraction: float) -> list[str]:
     """The documents before (train) or after (test) the point `1 - fraction` of the way through their characters;
-    the document holding that point is cut at the line break after it (at the point itself when none follows), its
-    head training and its tail held out."""
+    the document holding that point is cut at the line break after it (at the point itself when none follows but the
+    text's last), its head training and its tail held out."""
     cut = int(sum(map(len, texts)) * (1 - fraction))
     index, seen = 0, 0
     while index < len(texts) - 1 and seen + len(texts[index]) <= cut:
@@ -176,12 +203,25 @@ def _held_out_split(texts: list[str], split: str, fraction: float) -> list[str]:
         index += 1
     text = texts[index]
     at = text.find("\n", cut - seen)
-    at = cut - seen if at < 0 else at + 1  # no line break after the point: cut at the point itself
+    if at < 0 or (at + 1 >= len(text) and index == len(texts) - 1):
+        at = cut - seen  # no line break after the point, or only the text's last one: cut at the point itself
+    else:
+        at += 1
     head, tail = texts[:index] + [text[:at]], [text[at:]] + texts[index + 1 :]
     chosen = [t for t in (head if split == "train" else tail) if t]
     if not chosen:
         raise ValueError(f"the text is too short to hold out {fraction:.1%} of it for evaluation: use more text")
     return chosen
+
+
+def text_digest(texts) -> str:
+    """The sha256 of documents (a "text" column), to tell later whether a split still holds the same text."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for text in texts["text"] if not isinstance(texts, list) else texts:
+        digest.update(text.encode("utf-8", errors="surrogatepass") + b"\x00")
+    return digest.hexdigest()
 
 
 def read_text(source: str | None = None, split: str = "train", held_out_fraction: float = HELD_OUT_FRACTION) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .data import HELD_OUT_FRACTION, STDLIB, load_tokenizer, read_text, token_stream
+from .data import HELD_OUT_FRACTION, STDLIB, documents, load_tokenizer, read_text, text_digest, token_stream
 from .evaluation import perplexity
 from .push import TRAINING_RECORD, weights_digest
 
@@ -42,9 +42,20 @@ def training_record(model_path: str | Path) -> dict:
 
 def held_out_data(model_path: str | Path, data: str | None) -> tuple[str, float]:
     """(data source, held-out fraction) to evaluate on: `data` if given, else the model's recorded training data,
-    else the standard-library text; the fraction the training recorded, else the default."""
+    else the standard-library text; the fraction the training recorded, else the default. Where training recorded
+    the held-out text's digest and the data is its own, the held-out part must still be that text: data that changed
+    since (a file added to a folder, text inserted, another Python's standard library) would move the cut and put
+    trained-on text into the evaluation, so that is refused."""
     record = training_record(model_path)
-    return data or record.get("data") or STDLIB, record.get("held_out_fraction", HELD_OUT_FRACTION)
+    source = data or record.get("data") or STDLIB
+    fraction = record.get("held_out_fraction", HELD_OUT_FRACTION)
+    if record.get("held_out_sha256") and source == record.get("data"):
+        if text_digest(documents(source, "test", fraction)) != record["held_out_sha256"]:
+            raise ValueError(
+                f"data: the held-out part of {source} is not the text training held out (the data changed since, "
+                "and its cut moved): evaluate on text the model never saw with --data"
+            )
+    return source, fraction
 
 
 def load_model(model_path: str, device: str | None = None):
@@ -61,16 +72,29 @@ def load_model(model_path: str, device: str | None = None):
     return model.to(device).eval()
 
 
-def _header(model, model_path: str, task: str, data: str) -> dict:
-    local = Path(model_path).is_dir()
+def _header(model, model_path: str, task: str, data: str, tokenizer) -> dict:
     return {
         "task": task,
         "model": str(model_path),
         "posenc": getattr(model.config, "posenc", None),
-        "weights_sha256": weights_digest(model_path) if local else None,
+        "weights_sha256": weights_digest(_weights_folder(model_path)),
         "data": data,
         "split": "test",
+        "tokenizer": getattr(tokenizer, "name_or_path", None) or "bytes",
     }
+
+
+def _weights_folder(model_path: str | Path) -> Path:
+    """The folder holding the weights: the model folder, or a Hub model's cached snapshot (just downloaded)."""
+    if Path(model_path).is_dir():
+        return Path(model_path)
+    from transformers.utils import cached_file
+
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        found = cached_file(str(model_path), name, _raise_exceptions_for_missing_entries=False)
+        if found:
+            return Path(found).parent
+    raise ValueError(f"model: found no weight file of {model_path} in the cache")
 
 
 def evaluate_lengths(
@@ -88,8 +112,9 @@ def evaluate_lengths(
     "lengths": {length: {"ppl", "nll", "tokens"} or {"error"}}}."""
     model = load_model(model_path, device)
     source, fraction = held_out_data(model_path, data)
-    tokens = token_stream(source, "test", load_tokenizer(tokenizer, model_path), fraction)
-    results = _header(model, model_path, "perplexity", source) | {"stride": stride, "lengths": {}}
+    encoder = load_tokenizer(tokenizer, model_path, vocab_size=model.config.get_text_config().vocab_size)
+    tokens = token_stream(source, "test", encoder, fraction)
+    results = _header(model, model_path, "perplexity", source, encoder) | {"stride": stride, "lengths": {}}
     for length in lengths:
         window_stride = None if stride is None else min(stride, length)
         try:
@@ -104,7 +129,9 @@ def evaluate_lengths(
         except ValueError as error:  # a posenc learned table that ends, or too little text: reported, not fatal
             results["lengths"][length] = {"error": str(error)}
         except IndexError as error:  # a stock model's position table ends (nn.Embedding's own error)
-            limit = getattr(model.config, "max_position_embeddings", "?")
+            limit = getattr(model.config, "max_position_embeddings", None)
+            if limit is None or length <= limit:
+                raise
             results["lengths"][length] = {"error": f"past the model's position table ({limit} positions): {error}"}
     return results
 
@@ -125,10 +152,9 @@ def evaluate_passkey(
     model = load_model(model_path, device)
     source, fraction = held_out_data(model_path, data)
     filler = read_text(source, "test", fraction)
-    results = passkey_accuracy(
-        model, load_tokenizer(tokenizer, model_path), filler, lengths, progress=progress, **options
-    )
-    return _header(model, model_path, "passkey", source) | results
+    encoder = load_tokenizer(tokenizer, model_path, vocab_size=model.config.get_text_config().vocab_size)
+    results = passkey_accuracy(model, encoder, filler, lengths, progress=progress, **options)
+    return _header(model, model_path, "passkey", source, encoder) | results
 
 
 def markdown(results: dict) -> str:

@@ -290,14 +290,25 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
-@torch.no_grad()
 def score(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 8) -> list[bool]:
     """Whether `model` retrieves each key: teacher-forced greedy on prompt + answer.
 
     A key counts as retrieved iff the argmax of the logits at every answer position is the answer token, which is
-    exactly when greedy decoding from the prompt would produce the answer ids. Samples of the same total length are
-    stacked into batches of up to `batch_size` rows; only the logits of the answer positions are computed when the
-    model takes `logits_to_keep`.
+    exactly when greedy decoding from the prompt would produce the answer ids (see `token_scores`).
+
+    Returns:
+        One bool per sample, in order.
+    """
+    return [fraction == 1.0 for fraction in token_scores(model, samples, batch_size)]
+
+
+@torch.no_grad()
+def token_scores(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 8) -> list[float]:
+    """The fraction of each answer's tokens that `model` predicts, teacher-forced (1.0: the key is retrieved).
+
+    Partial credit shows a model that copies some of a key's digits, where exact retrieval is 0 for every model
+    (small ones, far past their training length). Samples of the same total length are stacked into batches of up to
+    `batch_size` rows; only the logits of the answer positions are computed when the model takes `logits_to_keep`.
 
     Args:
         model: a causal LM whose output has `.logits` (B, T, V); put in eval mode.
@@ -305,7 +316,7 @@ def score(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 8
         batch_size: rows per forward pass.
 
     Returns:
-        One bool per sample, in order.
+        One fraction per sample, in order.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -318,7 +329,7 @@ def score(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 8
     by_length: dict[int, list[int]] = {}
     for index, (prompt, answer) in enumerate(samples):
         by_length.setdefault(len(prompt) + len(answer), []).append(index)
-    hits = [False] * len(samples)
+    hits = [0.0] * len(samples)
     for length, indices in by_length.items():
         for first in range(0, len(indices), batch_size):
             rows = indices[first : first + batch_size]
@@ -331,7 +342,7 @@ def score(model: torch.nn.Module, samples: Sequence[Sample], batch_size: int = 8
                 prompt, answer = samples[i]
                 first_logit = len(prompt) - 1 - start
                 predicted = logits[row, first_logit : first_logit + len(answer)].argmax(-1)
-                hits[i] = bool((predicted == ids[row, len(prompt) :]).all())
+                hits[i] = (predicted == ids[row, len(prompt) :]).float().mean().item()
     return hits
 
 
@@ -399,7 +410,8 @@ def passkey_accuracy(
     Returns:
         JSON-serialisable results: {"task": "passkey", "digits", "samples", "seed", "depths": [...],
         "filler_tokens", "template": {"needle", "question", "answer"}, "lengths": {length: {"accuracy": overall,
-        "by_depth": {depth: accuracy}} or {"error": message}}}.
+        "by_depth": {depth: accuracy}, "token_accuracy": the mean fraction of key tokens predicted} or
+        {"error": message}}}.
 
     Raises:
         ValueError: empty lengths, lengths not ints >= 1, depths outside [0, 1], samples, digits or batch_size < 1.
@@ -435,11 +447,11 @@ def passkey_accuracy(
                 bar.update(per_length)
                 continue
             pairs = [(s["prompt_ids"], s["answer_ids"]) for s in built]
-            hits: list[bool] = []
+            hits: list[float] = []
             try:
                 for first in range(0, len(pairs), batch_size):
                     chunk = pairs[first : first + batch_size]
-                    hits += score(model, chunk, batch_size=batch_size)
+                    hits += token_scores(model, chunk, batch_size=batch_size)
                     bar.update(len(chunk))
             except ValueError as error:  # a posenc learned position table that ends
                 logger.warning("passkey: length %d failed: %s", length, error)
@@ -455,9 +467,13 @@ def passkey_accuracy(
                 continue
             by_depth = {}
             for depth in depths:
-                row = [hit for hit, s in zip(hits, built) if s["depth"] == depth]
+                row = [hit == 1.0 for hit, s in zip(hits, built) if s["depth"] == depth]
                 by_depth[depth] = sum(row) / len(row)
-            results["lengths"][length] = {"accuracy": sum(hits) / len(hits), "by_depth": by_depth}
+            results["lengths"][length] = {
+                "accuracy": sum(hit == 1.0 for hit in hits) / len(hits),
+                "by_depth": by_depth,
+                "token_accuracy": sum(hits) / len(hits),  # partial credit: key tokens predicted
+            }
             logger.info("passkey: length %d accuracy %.3f", length, results["lengths"][length]["accuracy"])
     finally:
         bar.close()
@@ -489,14 +505,15 @@ def markdown(results: dict) -> str:
         The table, ending in a newline; a length that failed shows "n/a" in its depth cells and its error last.
     """
     depths = [float(d) for d in results["depths"]]
-    header = ["length"] + [f"depth {_depth_label(d)}" for d in depths] + ["overall"]
+    header = ["length"] + [f"depth {_depth_label(d)}" for d in depths] + ["overall", "key tokens right"]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for length, result in _sorted_lengths(results):
         if "error" in result:
-            cells = [str(length)] + ["n/a"] * len(depths) + [f"n/a: {result['error']}"]
+            cells = [str(length)] + ["n/a"] * len(depths) + [f"n/a: {result['error']}", "n/a"]
         else:
             by_depth = result["by_depth"]
             cells = [str(length)] + [f"{_lookup(by_depth, d):.2f}" for d in depths] + [f"{result['accuracy']:.2f}"]
+            cells.append(f"{result['token_accuracy']:.2f}" if "token_accuracy" in result else "n/a")
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows) + "\n"
 
@@ -557,10 +574,6 @@ def plot(results: dict, path: str | Path) -> Path:
     return path
 
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 1)))
-
-
 def plot_by_scheme(named: dict[str, dict], path: str | Path) -> Path:
     """Overall accuracy against length (log2 x axis), one line per name.
 
@@ -575,38 +588,46 @@ def plot_by_scheme(named: dict[str, dict], path: str | Path) -> Path:
         The path written.
     """
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    colours = plt.get_cmap("tab10" if len(named) <= 10 else "tab20").colors
+    figure, panels = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
+    from .plots import series_styles
+
+    styles = series_styles(len(named))
     ticks: set[int] = set()
     count = max(len(named), 1)
-    for index, (name, results) in enumerate(named.items()):
-        points = [(length, r["accuracy"]) for length, r in _sorted_lengths(results) if "error" not in r]
-        failed = [length for length, r in _sorted_lengths(results) if "error" in r]
-        label = name if not failed else f"{name} (n/a at {', '.join(map(str, failed))})"
-        xs, ys = zip(*points) if points else ((), ())
-        ticks.update(xs)
-        axes.plot(
-            xs,
-            ys,
-            color=colours[index % len(colours)],
-            marker=MARKERS[index % len(MARKERS)],
-            markersize=11 - 6 * index / count,
-            markerfacecolor="none",
-            markeredgewidth=1.5,
-            linestyle=LINESTYLES[index % len(LINESTYLES)],
-            linewidth=1.6,
-            label=label,
-        )
-    axes.set_xscale("log", base=2)
-    if ticks:
-        axes.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
-        axes.minorticks_off()
-    axes.set_ylim(-0.05, 1.05)
-    axes.set_xlabel("context length (tokens, log2)")
-    axes.set_ylabel("pass-key accuracy")
-    axes.set_title("pass-key retrieval against context length")
-    axes.grid(True, alpha=0.3)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+    for axes, key, title in (
+        (panels[0], "accuracy", "keys retrieved whole"),
+        (panels[1], "token_accuracy", "key tokens predicted (partial credit)"),
+    ):
+        for index, (name, results) in enumerate(named.items()):
+            rows = _sorted_lengths(results)
+            points = [(length, r.get(key, r["accuracy"])) for length, r in rows if "error" not in r]
+            failed = [length for length, r in rows if "error" in r]
+            label = name if not failed else f"{name} (n/a at {', '.join(map(str, failed))})"
+            xs, ys = zip(*points) if points else ((), ())
+            ticks.update(xs)
+            axes.plot(
+                xs,
+                ys,
+                color=styles[index]["color"],
+                marker=styles[index]["marker"],
+                markersize=11 - 6 * index / count,
+                markerfacecolor="none",
+                markeredgewidth=1.5,
+                linestyle=styles[index]["linestyle"],
+                linewidth=1.6,
+                label=label,
+            )
+        axes.set_xscale("log", base=2)
+        if ticks:
+            axes.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+            axes.minorticks_off()
+        axes.set_ylim(-0.05, 1.05)
+        axes.set_xlabel("context length (tokens, log2)")
+        axes.set_title(title)
+        axes.grid(True, alpha=0.3)
+    panels[0].set_ylabel("pass-key accuracy")
+    figure.suptitle("pass-key retrieval against context length")
+    panels[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120, bbox_inches="tight")

@@ -2,8 +2,9 @@
 
 The card is a `huggingface_hub.ModelCard`: its metadata (license, library, pipeline tag, tags, base model, datasets and
 the evaluation results in model-index form) comes from `ModelCardData`, and it only shows results of the model pushed:
-an evaluation JSON is accepted when its `weights_sha256` is this model's (`weights_digest`), and the plot is drawn
-here from those JSONs.
+an evaluation JSON is accepted only when its `weights_sha256` is this model's (`weights_digest`), the training record
+only when its `weights_sha256` is the model folder's, and the plot is drawn here from those JSONs. The folder is built
+aside and replaces everything in `--folder`, which must be empty, new, or an earlier `hf-posenc push` build.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import hashlib
 import json
 import logging
 import math
+import re
 import shlex
+import shutil
+import tempfile
 from pathlib import Path
+
+from .data import STDLIB, has_tokenizer
 
 logger = logging.getLogger(__name__)
 
 TRAINING_RECORD = "hf_posenc_training.json"  # written next to a model by `hf-posenc train`
 PLOT = "evaluation.png"  # drawn by `build_hub_folder` from the evaluation JSONs
-# removed from a folder before it is rebuilt: the card, and the plots (the last: what `push --plot` used to copy)
-STALE = ("README.md", PLOT, "ppl_vs_length.png")
-STDLIB = "stdlib"  # `hf_posenc.workflow.data.STDLIB`, the default text of `train` and `eval`
+# the first tag of every card `build_hub_folder` writes: with a config.json holding posenc, what marks a build
+TAG = "hf_posenc"
 # suffixes that make a data source a (missing) local file rather than a Hub dataset name
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv", ".py", ".gz", ".parquet")
 # the weight files `from_pretrained` reads, in the order it looks for them
@@ -101,11 +106,25 @@ def _auto_class(config, model_class: type) -> str:
     return next((auto for auto in PIPELINE_TAGS if auto in names), names[0] if names else "AutoModel")
 
 
+def _local_path(name: str) -> bool:
+    """Whether `name` is a local path: one that exists here, or one shaped like a path wherever it was recorded
+    (absolute, starting with ".", "/" or "~", holding a backslash or a drive, or more than one "/"); what is left
+    ("name" or "owner/name") may be a Hub name."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or re.match(r"[A-Za-z]:[\\/]", name) is not None
+        or Path(name).is_absolute()
+        or Path(name).expanduser().exists()
+    )
+
+
 def _hub_id(name: str | None) -> str | None:
-    """`name` when it can only mean a Hub repo id (not an existing local path, nor shaped like a path), else None."""
+    """`name` when it can only mean a Hub repo id (not a local path, see `_local_path`), else None."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or Path(name).expanduser().exists():
+    if not name or _local_path(name):
         return None
     try:
         validate_repo_id(name)
@@ -117,10 +136,10 @@ def _hub_id(name: str | None) -> str | None:
 def _hub_dataset(data: str | None) -> tuple[str, str | None] | None:
     """(dataset id, config) when `data` names a Hub dataset the way the data module reads one ("name:config"), not
     the stdlib text nor a local file or folder (here or, by its shape, on the machine that trained)."""
-    if data in (None, STDLIB):
+    if data in (None, STDLIB) or _local_path(data):
         return None
     name, _, config = data.partition(":")
-    if Path(data).expanduser().exists() or name.lower().endswith(TEXT_SUFFIXES) or _hub_id(name) is None:
+    if name.lower().endswith(TEXT_SUFFIXES) or _hub_id(name) is None:
         return None
     return name, config or None
 
@@ -154,23 +173,24 @@ def _length_sorted(lengths: dict) -> list[tuple[int, dict]]:
     return sorted((int(length), result) for length, result in lengths.items())
 
 
-def load_evaluation(path: str | Path, posenc: dict, digests: list[str]) -> dict:
+def load_evaluation(path: str | Path, posenc: dict, digests: list[str], model_dir: str | Path | None = None) -> dict:
     """An `hf-posenc eval` JSON (perplexity or passkey), checked to be of the model whose weights digest is in
-    `digests` (or, for a JSON without `weights_sha256`, whose `posenc` is `posenc`, with a logged warning).
+    `digests` and whose scheme is `posenc`.
 
     Args:
         path: the JSON.
         posenc: the model's `config.posenc`.
         digests: the model's `weights_digest`s (the folder evaluated, and the folder built for the Hub).
+        model_dir: the model folder, named in the messages (what to re-run `hf-posenc eval` on).
 
     Returns:
-        The JSON's content, with `"task"` set (JSONs that predate it are perplexity) and `"checked"`: "weights" or
-        "posenc", what was compared.
+        The JSON's content, with `"task"` set (JSONs that predate it are perplexity).
 
     Raises:
-        ValueError: not such a JSON (a markdown table, `hf-posenc compare`'s results), or not of this model.
+        ValueError: not such a JSON (a markdown table, `hf-posenc compare`'s results), or not of this model: its
+            `weights_sha256` is missing, null or another's, or its `posenc` is another scheme.
     """
-    return check_evaluation(read_evaluation(path), path, posenc, digests)
+    return check_evaluation(read_evaluation(path), path, posenc, digests, model_dir)
 
 
 def read_evaluation(path: str | Path) -> dict:
@@ -198,35 +218,29 @@ def read_evaluation(path: str | Path) -> dict:
     return {**results, "task": task}
 
 
-def check_evaluation(results: dict, path: str | Path, posenc: dict, digests: list[str]) -> dict:
-    """`results` (`read_evaluation`) with `"checked"` set, or a ValueError when it is not of this model (see
-    `load_evaluation`)."""
+def check_evaluation(
+    results: dict, path: str | Path, posenc: dict, digests: list[str], model_dir: str | Path | None = None
+) -> dict:
+    """`results` (`read_evaluation`), or a ValueError when it is not of this model (see `load_evaluation`)."""
+    rerun = f"re-run `hf-posenc eval` on {model_dir or 'this model folder'} and pass the JSON it writes"
     digest = results.get("weights_sha256")
-    if digest is not None:
-        if digest not in digests:
-            raise ValueError(
-                f"{path} is an evaluation of other weights ({results.get('model', 'a model')}, weights_sha256 "
-                f"{digest[:12]}...; this model's is {digests[0][:12]}...): the card only shows results of this model"
-            )
-        checked = "weights"
-    elif "posenc" not in results:
+    if not isinstance(digest, str) or not digest:
         raise ValueError(
-            f"{path} records neither weights_sha256 nor posenc, so nothing tells that it evaluated this model; "
-            f"rerun `hf-posenc eval` on it"
+            f"{path} records no weights_sha256, so nothing tells that it evaluated these weights (the card only shows "
+            f"results of this model); {rerun}"
         )
-    elif _normalised(results["posenc"]) != _normalised(posenc):
+    if digest not in digests:
         raise ValueError(
-            f"{path} is an evaluation of another model (posenc {json.dumps(results['posenc'])}; this model's is "
-            f"{json.dumps(posenc)}): the card only shows results of this model"
+            f"{path} is an evaluation of other weights ({results.get('model', 'a model')}, weights_sha256 "
+            f"{digest[:12]}...; this model's is {digests[0][:12]}...): the card only shows results of this model; "
+            f"{rerun}"
         )
-    else:
-        logger.warning(
-            "%s records no weights_sha256: only its positional scheme was checked to be this model's; rerun "
-            "`hf-posenc eval` to record the weights it evaluated",
-            path,
+    if "posenc" in results and _normalised(results["posenc"]) != _normalised(posenc):
+        raise ValueError(
+            f"{path} evaluated these weights with another positional scheme (posenc {json.dumps(results['posenc'])}; "
+            f"this model's is {json.dumps(posenc)}): the card only shows results of this model; {rerun}"
         )
-        checked = "posenc"
-    return {**results, "checked": checked}
+    return results
 
 
 def _windows(evaluation: dict) -> str:
@@ -237,10 +251,11 @@ def _windows(evaluation: dict) -> str:
 
 
 def _passkey_setting(evaluation: dict) -> str:
-    digits, samples = evaluation.get("digits"), evaluation.get("samples")
+    digits, samples, depths = evaluation.get("digits"), evaluation.get("samples"), evaluation.get("depths") or []
+    per_length = f"{samples} samples at each of {len(depths)} depths per length" if depths else f"{samples} samples"
     parts = [
         f"{digits}-digit key" if digits is not None else None,
-        f"{samples} samples per length" if samples else None,
+        per_length if samples else None,
     ]
     return ", ".join(part for part in parts if part) or "passkey retrieval"
 
@@ -324,11 +339,6 @@ def _evaluation_markdown(evaluation: dict, train_data: str | None) -> str:
             by_depth = {str(depth): value for depth, value in (result.get("by_depth") or {}).items()}
             cells = "".join(f" {by_depth[d]:.2f} |" if d in by_depth else " |" for d in depths)
             lines.append(f"| {length} | {result['accuracy']:.2f} |{cells}\n")
-    if evaluation["checked"] == "posenc":
-        lines.append(
-            "\nThis evaluation does not record the weights it read: only its positional scheme was checked to be "
-            "this model's.\n"
-        )
     return "".join(lines)
 
 
@@ -405,6 +415,72 @@ def _tokenizer_markdown(saved: bool, recorded: str | None) -> str:
     return f"tokenizer: `{recorded}`, not saved with the model: load it with `AutoTokenizer.from_pretrained`"
 
 
+def is_hub_build(folder: str | Path) -> bool:
+    """Whether `folder` is a folder `build_hub_folder` built: a README.md whose card metadata is tagged `hf_posenc`,
+    beside a config.json with `posenc`."""
+    from huggingface_hub.repocard import metadata_load
+
+    folder = Path(folder)
+    if not (folder / "README.md").is_file() or not (folder / "config.json").is_file():
+        return False
+    try:
+        metadata = metadata_load(folder / "README.md") or {}
+        config = json.loads((folder / "config.json").read_text())
+    except Exception:  # unreadable, or not YAML / JSON: not a build
+        return False
+    tags = metadata.get("tags") if isinstance(metadata, dict) else None
+    return isinstance(tags, list) and TAG in tags and isinstance(config, dict) and "posenc" in config
+
+
+def _check_folder(folder: Path, model_dir: Path) -> None:
+    """Refuse, before anything is read or written, a `folder` whose content a build must not replace: anything but
+    a new or empty folder or an earlier build, or a folder that holds the model."""
+    choose = "choose an empty or new `--folder`"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder; {choose}")
+    if folder.resolve() == model_dir.resolve() or folder.resolve() in model_dir.resolve().parents:
+        raise ValueError(f"{folder} holds the model {model_dir}, and a build replaces everything in it; {choose}")
+    if folder.is_dir() and any(folder.iterdir()) and not is_hub_build(folder):
+        raise ValueError(
+            f"{folder} is not empty and is not an earlier `hf-posenc push` build (a README.md whose card is tagged "
+            f"{TAG}, beside a config.json with posenc); a build replaces everything in its folder, so it is left "
+            f"untouched: {choose}"
+        )
+
+
+def _training_record(model_dir: Path, digest: str) -> dict:
+    """The record `hf-posenc train` left beside the weights in `model_dir` (their digest is `digest`), or {} when
+    there is none or it is of other weights (a later run wrote into the folder), which is logged."""
+    path = model_dir / TRAINING_RECORD
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    recorded = record.get("weights_sha256") if isinstance(record, dict) else None
+    if recorded == digest:
+        return record
+    logger.warning(
+        "%s %s: the card states none of its training facts (pass --data and --train-length to state them)",
+        path,
+        "records no weights_sha256, so nothing tells that it is the record of the weights beside it"
+        if recorded is None
+        else f"is the record of other weights (weights_sha256 {str(recorded)[:12]}...; the weights in the folder "
+        f"are {digest[:12]}...)",
+    )
+    return {}
+
+
+def _replace_contents(folder: Path, built: Path) -> None:
+    """Empty `folder` (created when missing), then move everything in `built` into it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for entry in built.iterdir():
+        entry.rename(folder / entry.name)
+
+
 def build_hub_folder(
     model_dir: str | Path,
     folder: str | Path,
@@ -418,16 +494,20 @@ def build_hub_folder(
     """Write into `folder` everything the Hub repo `repo_id` needs, and return it.
 
     - weights as safetensors, config.json with `posenc` and the full `auto_map`, the shipped code files;
-    - the tokenizer when `model_dir` has one;
+    - the tokenizer when `model_dir` has one (`has_tokenizer`);
     - README.md, a `huggingface_hub.ModelCard`: metadata (license, library_name, pipeline_tag, tags, base_model for a
       checkpoint converted from the Hub, datasets for Hub training data, model-index evaluation results); the scheme
       and its parameters; the training data, length, steps, tokenizer and packing (from the arguments or the record
-      `hf-posenc train` leaves); how to load it with or without hf_posenc; the evaluations as tables and a plot
-      (`evaluation.png`) drawn from them.
+      `hf-posenc train` leaves, when its `weights_sha256` is the folder's weights'); how to load it with or without
+      hf_posenc; the evaluations as tables and a plot (`evaluation.png`) drawn from them.
+
+    The folder is built aside (a hidden sibling of `folder`) and only then replaces everything in `folder`: a refused
+    or failed build leaves `folder` as it was, and a build never mixes with files of an earlier one.
 
     Args:
         model_dir: a saved posenc model.
-        folder: where to build the repo folder (created; the card and plot of an earlier build are removed first).
+        folder: where to build the repo folder: a new or empty folder, or an earlier build (`is_hub_build`), whose
+            content is all replaced.
         repo_id: the Hub repo, for the card.
         evaluations: `hf-posenc eval` JSONs of this model (perplexity, passkey); see `load_evaluation`.
         data: the training data, overriding the training record's.
@@ -439,12 +519,10 @@ def build_hub_folder(
         `folder`.
 
     Raises:
-        ValueError: `model_dir` is not a posenc model, or an evaluation is not of this model (see `load_evaluation`).
+        ValueError: `model_dir` is not a posenc model; `folder` is not empty and not an earlier build, or holds the
+            model; or an evaluation is not of this model (see `load_evaluation`).
     """
-    from huggingface_hub import ModelCard, ModelCardData
     from transformers import AutoConfig
-
-    import hf_posenc
 
     model_dir, folder = Path(model_dir), Path(folder)
     if isinstance(evaluations, (str, Path)):
@@ -452,22 +530,48 @@ def build_hub_folder(
     config = AutoConfig.from_pretrained(model_dir)
     if not hasattr(config, "posenc"):
         raise ValueError(f"{model_dir} is not a posenc model (its model_type is {config.model_type!r})")
+    _check_folder(folder, model_dir)
     read = [(path, read_evaluation(path)) for path in evaluations or []]  # not evaluations at all: before any write
+    parent = folder.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{folder.resolve().name}.", suffix=".building", dir=parent))
+    try:
+        _build(model_dir, built, repo_id, config, read, data=data, train_length=train_length, license=license)
+        _replace_contents(folder, built)
+    finally:
+        shutil.rmtree(built, ignore_errors=True)
+    return folder
+
+
+def _build(
+    model_dir: Path,
+    folder: Path,
+    repo_id: str,
+    config,
+    read: list[tuple[str | Path, dict]],
+    *,
+    data: str | None,
+    train_length: int | None,
+    license: str | None,
+) -> None:
+    """`build_hub_folder`'s work, into the empty `folder`, with `read` the evaluations it was given."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    import hf_posenc
+
+    model_digest = weights_digest(model_dir)
+    record = _training_record(model_dir, model_digest)
     model = _model_class(config).from_pretrained(model_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in STALE:  # a build refused below leaves no card, rather than the card of an earlier build
-        (folder / stale).unlink(missing_ok=True)
     model.save_pretrained(folder, safe_serialization=True)
-    tokenizer_saved = (model_dir / "tokenizer_config.json").exists()
+    tokenizer_saved = has_tokenizer(model_dir)
     if tokenizer_saved:
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
-    record = json.loads((model_dir / TRAINING_RECORD).read_text()) if (model_dir / TRAINING_RECORD).exists() else {}
     data = data or record.get("data")
     train_length = train_length or record.get("seq_length")
-    digests = [weights_digest(model_dir), weights_digest(folder)]
-    checked = [check_evaluation(results, path, config.posenc, digests) for path, results in read]
+    digests = [model_digest, weights_digest(folder)]
+    checked = [check_evaluation(results, path, config.posenc, digests, model_dir) for path, results in read]
 
     scheme = config.posenc["type"]
     auto_class = _auto_class(config, type(model))
@@ -480,7 +584,7 @@ def build_hub_folder(
         license=license or ("other" if checkpoint else "apache-2.0"),
         library_name="transformers",
         pipeline_tag=pipeline_tag,
-        tags=["hf_posenc", "positional-encoding", scheme],
+        tags=[TAG, "positional-encoding", scheme],
         base_model=base_model,
         datasets=[hub_data[0]] if hub_data else None,
         model_name=repo_id if results else None,
@@ -508,12 +612,10 @@ def build_hub_folder(
     if checkpoint and not license:
         origin += " Its license applies to these weights: pass `--license` to name it."
     if checked:
-        evaluation = "\n".join(_evaluation_markdown(e, data) for e in checked)
-        if all(e["checked"] == "weights" for e in checked):
-            evaluation = (
-                "Each evaluation below was checked to be of these weights: the `weights_sha256` it records is "
-                "theirs.\n\n" + evaluation
-            )
+        evaluation = (
+            "Each evaluation below was checked to be of these weights: the `weights_sha256` it records is theirs.\n\n"
+            + "\n".join(_evaluation_markdown(e, data) for e in checked)
+        )
         title = f"{repo_id} ({scheme}" + (f", trained at {train_length})" if train_length else ")")
         if plot_evaluations(checked, folder / PLOT, title, train_length):
             evaluation += f"\n![evaluation of this model against length]({PLOT})\n"
@@ -535,7 +637,6 @@ def build_hub_folder(
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")  # parses the metadata back: invalid metadata raises
     card.save(folder / "README.md")
-    return folder
 
 
 def upload(folder: str | Path, repo_id: str, private: bool = False, token: str | None = None) -> str:

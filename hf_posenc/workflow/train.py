@@ -50,7 +50,7 @@ class PosencArguments:
 
     posenc: str = field(
         default="alibi",
-        metadata={"help": "the scheme: a name (`hf-posenc schemes`) or a mapping, e.g. '{type: rope, factor: 4}'"},
+        metadata={"help": "the scheme: a name (`hf-posenc schemes`) or a mapping, e.g. '{type: alibi, max_bias: 4}'"},
     )
     arch: str = field(default="gpt2", metadata={"help": "a verified decoder to build from scratch (no checkpoint)"})
     checkpoint: str | None = field(
@@ -59,6 +59,10 @@ class PosencArguments:
     layers: int = field(default=4, metadata={"help": "layers of a new model"})
     hidden_size: int = field(default=128, metadata={"help": "width of a new model"})
     heads: int = field(default=4, metadata={"help": "attention heads of a new model"})
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "torch threads on the CPU (default: the cores other processes leave free)"},
+    )
     tokenizer: str = field(
         default=AUTO,
         metadata={
@@ -107,6 +111,11 @@ def _parser():
         "set in the --config YAML file and on the command line (--name value or name=value); the command line wins.",
     )
     parser.add_argument("--config", help="YAML file of any fields below (see configs/train_*.yaml)")
+
+    def error(message: str):  # argparse's own message (the field and what it takes), without the usage block
+        raise ValueError(message)
+
+    parser.error = error
     import torch
 
     # without a GPU: CPU (processes that accelerate launches then train data-parallel over gloo), no pinned memory
@@ -122,51 +131,73 @@ def _field_names() -> set[str]:
 
 
 def _flags(argv: list[str]) -> list[str]:
-    """`name=value` items as `--name value` (names with an alias resolved), flags as they are."""
+    """`name=value` items as `--name value`, unless they follow a `--flag` as its value (`--run_name a=b`);
+    `--alias[=value]` as the field's flag (`steps` is `max_steps`); everything else as it is."""
     out = []
-    for item in argv:
-        name, sep, value = item.partition("=")
-        if item.startswith("-") or not sep:
-            out.append(item)
+    for index, item in enumerate(argv):
+        follows_flag = index > 0 and argv[index - 1].startswith("--") and "=" not in argv[index - 1]
+        if item.startswith("--"):
+            flag, sep, value = item[2:].partition("=")
+            out.append(f"--{ALIASES.get(flag.replace('-', '_'), flag)}{sep}{value}")
             continue
-        out += [f"--{ALIASES.get(name, name)}", value]
-    return [{f"--{short}": f"--{long}" for short, long in ALIASES.items()}.get(item, item) for item in out]
+        name, sep, value = item.partition("=")
+        if sep and name and not follows_flag:
+            out += [f"--{ALIASES.get(name.replace('-', '_'), name)}", value]
+        else:
+            out.append(item)
+    return out
+
+
+def _as_arguments(values: dict[str, Any]) -> list[str]:
+    """A mapping of fields (as a YAML file gives them) as command-line arguments, so that argparse checks and converts
+    every value as it does the command line's (None values are left out: the caller sets them as defaults)."""
+    out = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, list):
+            out += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+        else:
+            out += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+    return out
 
 
 def parse_train_arguments(argv: list[str] | None = None, values: dict[str, Any] | None = None):
     """(PosencArguments, DataArguments, TrainingArguments) from `argv` (with an optional `--config` YAML file) and
-    `values` (the fields as a mapping, as a YAML file gives them: the programmatic form). Unknown names, bad types and
-    a missing file raise ValueError naming them."""
+    `values` (the fields as a mapping, as a YAML file gives them: the programmatic form). The command line wins over
+    `values`, which win over the file. Unknown names, bad types and a missing file raise ValueError naming them."""
     parser = _parser()
+    known = _field_names()
     argv = _flags(list(argv or []))
     config_path = None
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file")
-        config_path = argv[at + 1]
-        del argv[at : at + 2]
-    loaded = dict(values or {})
+    for at, item in enumerate(argv):
+        if item == "--config" or item.startswith("--config="):
+            config_path = item.partition("=")[2] if "=" in item else (argv[at + 1] if at + 1 < len(argv) else None)
+            if not config_path:
+                raise ValueError("--config needs a YAML file")
+            del argv[at : at + (1 if "=" in item else 2)]
+            break
+    loaded = {}
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():
             raise ValueError(f"--config: no such file {config_path}")
-        from_file = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(from_file, dict):
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
             raise ValueError(f"{config_path}: a run config is a mapping of fields to values")
-        loaded = from_file | loaded
-    loaded = {ALIASES.get(key, key): value for key, value in loaded.items()}
-    known = _field_names()
+    loaded = {ALIASES.get(key, key): value for key, value in (loaded | dict(values or {})).items()}
     flags = {item[2:].partition("=")[0].replace("-", "_") for item in argv if item.startswith("--")}
     unknown = sorted((set(loaded) | {f for f in flags if f.removeprefix("no_") not in known}) - known)
     if unknown:
         hint = "; `hf-posenc train --help` lists every field (PosencArguments, DataArguments, TrainingArguments)"
         raise ValueError(f"{config_path or 'train'}: unknown field(s) {unknown}{hint}")
-    parser.set_defaults(**loaded)
+    parser.set_defaults(**{key: None for key, value in loaded.items() if value is None})
     try:
-        posenc_args, data_args, training_args, *_ = parser.parse_args_into_dataclasses(args=argv)
-    except SystemExit as exit_:  # argparse printed the error (naming the field and what it takes)
-        raise ValueError("invalid arguments (see the message above)") from exit_
+        posenc_args, data_args, training_args, *_ = parser.parse_args_into_dataclasses(
+            args=_as_arguments(loaded) + argv
+        )
+    except TypeError as error:  # a value argparse passed on that the dataclass refuses
+        raise ValueError(f"invalid arguments: {error}") from error
     validate(posenc_args, data_args)
     return posenc_args, data_args, training_args
 
@@ -180,6 +211,8 @@ def validate(posenc_args: PosencArguments, data_args: DataArguments) -> None:
         owner = posenc_args if hasattr(posenc_args, key) else data_args
         if getattr(owner, key) < 1:
             raise ValueError(f"{key} must be >= 1, got {getattr(owner, key)}")
+    if posenc_args.threads is not None and posenc_args.threads < 1:
+        raise ValueError(f"threads must be >= 1 or unset (the free cores), got {posenc_args.threads}")
     if data_args.max_eval_blocks < 0:
         raise ValueError(f"max_eval_blocks must be >= 0 (0: all), got {data_args.max_eval_blocks}")
     if not 0 < data_args.held_out_fraction < 1:
@@ -222,18 +255,29 @@ def _stock_config(posenc_args: PosencArguments, data_args: DataArguments, vocab_
 
 
 def training_tokenizer(posenc_args: PosencArguments):
-    """The tokenizer the model trains with: `tokenizer` as given; by default ("auto") a checkpoint's own, else the
-    byte-level one. Byte ids fed to a checkpoint that has its own tokenizer are refused unless asked for by name."""
+    """The tokenizer the model trains with: `tokenizer` as given; by default ("auto") a checkpoint's own, and the
+    byte-level one for a new model. A checkpoint without tokenizer files must name one; a tokenizer with more ids
+    than the checkpoint embeds is refused (before any data is read)."""
     from .data import load_tokenizer
 
     checkpoint = posenc_args.checkpoint
-    if checkpoint is not None and posenc_args.tokenizer == BYTES and _has_own_tokenizer(checkpoint):
+    if checkpoint is None:
+        return load_tokenizer(BYTES if posenc_args.tokenizer == AUTO else posenc_args.tokenizer)
+    if posenc_args.tokenizer == AUTO and Path(checkpoint).exists() and not has_tokenizer(checkpoint):
+        raise ValueError(
+            f"tokenizer: {checkpoint} has no tokenizer files; name the one it was trained with (tokenizer=PATH, or "
+            "tokenizer=bytes for hf_posenc's byte-level one)"
+        )
+    if posenc_args.tokenizer == BYTES and _has_own_tokenizer(checkpoint):
         logger.warning(
             "tokenizer=bytes: %s has its own tokenizer, and training feeds it byte ids instead (as asked); leave "
             "tokenizer unset ('auto') to train it with its own",
             checkpoint,
         )
-    return load_tokenizer(posenc_args.tokenizer, checkpoint)
+    from transformers import AutoConfig
+
+    vocab_size = getattr(AutoConfig.from_pretrained(checkpoint).get_text_config(), "vocab_size", None)
+    return load_tokenizer(posenc_args.tokenizer, checkpoint, vocab_size=vocab_size)
 
 
 def _has_own_tokenizer(checkpoint: str) -> bool:
@@ -262,13 +306,14 @@ def build_model(posenc_args: PosencArguments, data_args: DataArguments, tokenize
 
 
 def datasets_for(data_args: DataArguments, tokenizer, main_process_first):
-    """(training blocks, held-out blocks): grouped blocks of `seq_length` (document blocks when packing); the
-    held-out ones are always grouped, at most `max_eval_blocks`."""
-    from .data import document_blocks, documents, group_into_blocks, tokenize_documents
+    """(training blocks, held-out blocks, the held-out text's sha256): grouped blocks of `seq_length` (document
+    blocks when packing); the held-out ones are always grouped, at most `max_eval_blocks`."""
+    from .data import document_blocks, documents, group_into_blocks, text_digest, tokenize_documents
 
     with main_process_first(desc="reading and tokenizing the data"):
         train_text = tokenize_documents(documents(data_args.data, "train", data_args.held_out_fraction), tokenizer)
-        test_text = tokenize_documents(documents(data_args.data, "test", data_args.held_out_fraction), tokenizer)
+        held_out = documents(data_args.data, "test", data_args.held_out_fraction)
+        test_text = tokenize_documents(held_out, tokenizer)
         cut = document_blocks if data_args.packing else group_into_blocks
         train_set = cut(train_text, data_args.seq_length)
         eval_set = group_into_blocks(test_text, data_args.seq_length)
@@ -276,19 +321,32 @@ def datasets_for(data_args: DataArguments, tokenizer, main_process_first):
         raise ValueError(f"the training text holds fewer tokens than one block of {data_args.seq_length}")
     if data_args.max_eval_blocks and len(eval_set) > data_args.max_eval_blocks:
         eval_set = eval_set.select(range(data_args.max_eval_blocks))
-    return train_set, (eval_set if len(eval_set) else None)
+    return train_set, (eval_set if len(eval_set) else None), text_digest(held_out)
 
 
 def run_train(posenc_args: PosencArguments, data_args: DataArguments, training_args) -> dict:
     """Train and save the final model with its tokenizer (a loadable posenc model) under `output_dir/final`.
 
-    Returns {"final": folder, "world_size": processes that trained, "train_loss": mean training loss,
-    "eval_loss" and "eval_perplexity" on the held-out blocks (None without held-out text)}."""
-    from transformers import DataCollatorWithFlattening, Trainer, default_data_collator
+    Returns {"final": folder, "world_size": processes that trained, "main_process": whether this one is the first,
+    "train_loss": mean training loss, "eval_loss" and "eval_perplexity" on the held-out blocks (None without
+    held-out text)}."""
+    import torch
+
+    from .threads import torch_threads
 
     validate(posenc_args, data_args)
+    threads = posenc_args.threads if training_args.device.type == "cpu" else torch.get_num_threads()
+    with torch_threads(threads):
+        return _run_train(posenc_args, data_args, training_args)
+
+
+def _run_train(posenc_args: PosencArguments, data_args: DataArguments, training_args) -> dict:
+    from transformers import DataCollatorWithFlattening, Trainer, default_data_collator
+
+    from .push import weights_digest
+
     tokenizer = training_tokenizer(posenc_args)
-    train_set, eval_set = datasets_for(data_args, tokenizer, training_args.main_process_first)
+    train_set, eval_set, held_out_digest = datasets_for(data_args, tokenizer, training_args.main_process_first)
     model = build_model(posenc_args, data_args, tokenizer, training_args.seed)
     if data_args.packing:
         # transformers reads packed position_ids (and masks each block off from the others) only without a cache
@@ -315,27 +373,46 @@ def run_train(posenc_args: PosencArguments, data_args: DataArguments, training_a
         model.config.use_cache = True  # the saved model generates with a cache
     trainer.save_model(str(final))  # the tokenizer too (processing_class)
     if trainer.is_world_process_zero():  # what the model card and `hf-posenc eval` need to know of the training
-        final.mkdir(parents=True, exist_ok=True)  # a sharded state dict (FSDP) writes no folder of its own
+        if not (final / "config.json").exists():
+            raise ValueError(
+                f"no model was saved in {final}: a sharded state dict (FSDP's fsdp_state_dict_type "
+                "SHARDED_STATE_DICT) writes no folder through Trainer.save_model; use FULL_STATE_DICT"
+            )
         record = {
-            "data": data_args.data,
+            "data": _absolute(data_args.data),
             "held_out_fraction": data_args.held_out_fraction,
+            "held_out_sha256": held_out_digest,
             "seq_length": data_args.seq_length,
-            "steps": training_args.max_steps,
+            "steps": trainer.state.global_step,
             "posenc": posenc_args.posenc,
-            "checkpoint": posenc_args.checkpoint,
-            "tokenizer": posenc_args.tokenizer,
+            "checkpoint": _absolute(posenc_args.checkpoint),
+            "tokenizer": _tokenizer_name(posenc_args),
             "packing": data_args.packing,
             "eval_loss": eval_loss,
+            "weights_sha256": weights_digest(final),
         }
         (final / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     logger.info("trained on %d process(es); final model in %s", training_args.world_size, final)
     return {
         "final": final,
         "world_size": training_args.world_size,
+        "main_process": trainer.is_world_process_zero(),
         "train_loss": outcome.training_loss,
         "eval_loss": eval_loss,
         "eval_perplexity": None if eval_loss is None else math.exp(eval_loss),
     }
+
+
+def _absolute(source: str | None) -> str | None:
+    """A local path as an absolute one (a record read from elsewhere still finds it), a Hub name as it is."""
+    return str(Path(source).resolve()) if source is not None and Path(source).exists() else source
+
+
+def _tokenizer_name(posenc_args: PosencArguments) -> str:
+    """What the model trained with: "bytes", the checkpoint's own (its path or name) or the tokenizer named."""
+    if posenc_args.tokenizer != AUTO:
+        return _absolute(posenc_args.tokenizer)
+    return BYTES if posenc_args.checkpoint is None else _absolute(posenc_args.checkpoint)
 
 
 def _resume_value(resume: str | None):
@@ -354,9 +431,11 @@ def main(argv: list[str]) -> int:
     try:
         arguments = parse_train_arguments(argv)
         result = run_train(*arguments)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         print(f"hf-posenc train: {error}", file=sys.stderr)
         return 2
+    if not result["main_process"]:
+        return 0
     held_out = (
         "no held-out text"
         if result["eval_loss"] is None
