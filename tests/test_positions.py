@@ -172,8 +172,6 @@ def test_packed_loss_equals_each_alone_for_every_scheme(arch, case):
     """A packed batch (DataCollatorWithFlattening: one row, position_ids restarting per document, no cache) gives
     the loss of the documents run one by one, for every scheme: each document attends only to itself and every
     scheme reads the restarted positions."""
-    if arch == "gpt_neox" and case in ("rope_longrope",):
-        pytest.skip("longrope's factor lists cover the whole head; GPT-NeoX rotates a part")
     model = build(arch, SCHEME_CASES[case]).train()
     model.config.use_cache = False  # what `train --packing` sets: transformers reads packed positions without a cache
     generator = torch.Generator().manual_seed(0)
