@@ -583,3 +583,52 @@ def test_push_refuses_a_stock_model(tmp_path):
     )
     with pytest.raises(ValueError, match="not a posenc model .*'gpt2'"):
         push.build_hub_folder(tmp_path / "m", tmp_path / "hub", "me/x")
+
+
+def test_the_card_never_shows_a_local_tokenizer_path():
+    """A recorded tokenizer that is a local path (the checkpoint's own, trained elsewhere) is not printed."""
+    assert "/home/alice" not in push._tokenizer_markdown(True, "/home/alice/private/llama-ckpt")
+    assert "/home/alice" not in push._tokenizer_markdown(False, "/home/alice/private/llama-ckpt")
+    assert "`bytes`" in push._tokenizer_markdown(True, "bytes")
+    assert "`gpt2`" in push._tokenizer_markdown(True, "gpt2")
+
+
+def test_a_failed_replacement_leaves_the_earlier_build(tmp_path, monkeypatch):
+    """Moving the new build in fails half-way: the earlier build's files are all back, nothing new is left."""
+    folder, built = tmp_path / "hub", tmp_path / "built"
+    folder.mkdir()
+    built.mkdir()
+    for name in ("README.md", "config.json", "tokenizer.json"):
+        (folder / name).write_text(f"old {name}")
+    for name in ("README.md", "config.json", "model.safetensors"):
+        (built / name).write_text(f"new {name}")
+    real_move, moved = push.shutil.move, []
+
+    def failing_move(source, target):
+        if "built" in source and moved:
+            raise OSError("disk full")
+        if "built" in source:
+            moved.append(source)
+        return real_move(source, target)
+
+    monkeypatch.setattr(push.shutil, "move", failing_move)
+    with pytest.raises(OSError, match="disk full"):
+        push._replace_contents(folder, built)
+    assert {p.name: p.read_text() for p in folder.iterdir()} == {
+        name: f"old {name}" for name in ("README.md", "config.json", "tokenizer.json")
+    }
+
+
+def test_an_evaluation_inside_the_folder_or_hidden_files_are_refused(trained, tmp_path):
+    """The rebuild would remove them: an --eval JSON kept in the folder, a clone's .git."""
+    model_dir, evaluation, *_ = trained
+    out = tmp_path / "hub"
+    push.build_hub_folder(model_dir, out, "me/x")
+    inside = out / "eval.json"
+    inside.write_text(evaluation.read_text())
+    with pytest.raises(ValueError, match="lies inside"):
+        push.build_hub_folder(model_dir, out, "me/x", evaluations=[inside])
+    inside.unlink()
+    (out / ".git").mkdir()
+    with pytest.raises(ValueError, match=r"holds \.git, which a build did not write"):
+        push.build_hub_folder(model_dir, out, "me/x")

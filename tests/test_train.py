@@ -158,6 +158,19 @@ def test_yaml_then_command_line(tmp_path):
     # a value holding "=" stays a value; an alias works in the --name=value form too
     _, _, training = parse_train_arguments(["--run_name", "lr=3e-4", "--steps=9", "output_dir=runs/a=b"])
     assert training.run_name == "lr=3e-4" and training.max_steps == 9 and training.output_dir == "runs/a=b"
+    # lists, negative numbers, small floats in a posenc mapping, a bool flag given alone before name=value
+    config.write_text(
+        "report_to: [tensorboard]\noptim_target_modules: [attn, mlp]\nrun_name: -x\n"
+        "posenc: {type: alibi, max_bias: 1.0e-5}\n"
+    )
+    posenc, data_args, training = parse_train_arguments(
+        ["--config", str(config), "--packing", "max_steps=5", "learning_rate=-1e-3"]
+    )
+    assert training.report_to == ["tensorboard"] and training.optim_target_modules == ["attn", "mlp"]
+    assert training.run_name == "-x" and posenc.posenc == {"type": "alibi", "max_bias": 1e-5}
+    assert data_args.packing and training.max_steps == 5 and training.learning_rate == -1e-3
+    posenc, _, _ = parse_train_arguments(["--posenc", '{"type": "alibi", "max_bias": 1e-5}'])  # JSON floats
+    assert posenc.posenc == {"type": "alibi", "max_bias": 1e-5}
     # values from a file are checked as the command line's are
     config.write_text("max_steps: 1.5\n")
     with pytest.raises(ValueError, match="invalid int value: '1.5'"):

@@ -360,10 +360,16 @@ def test_threads_leave_busy_cores_alone(monkeypatch):
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert threads.choose_threads(3) == 3
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(threads, "_busy_cores", lambda seconds, cores: 0.0)
     assert threads.choose_threads() == cores
     monkeypatch.setattr(threads, "_busy_cores", lambda seconds, cores: cores - 0.4)
     assert threads.choose_threads() == 1
+    for name, value in (("OMP_NUM_THREADS", "1"), ("WORLD_SIZE", "2")):  # a launcher's count is kept
+        monkeypatch.setenv(name, value)
+        assert threads.choose_threads() == torch.get_num_threads()
+        monkeypatch.delenv(name)
     before = torch.get_num_threads()
     with threads.torch_threads() as chosen:
         assert chosen == torch.get_num_threads() == 1
@@ -372,3 +378,26 @@ def test_threads_leave_busy_cores_alone(monkeypatch):
     assert 0 <= threads._busy_cores(0.05, cores) <= cores + 0.01
     with pytest.raises(ValueError, match="threads must be >= 1 or null"):
         load_config(CompareConfig, overrides={"threads": 0})
+
+
+def test_hub_data_sets_hold_out_their_own_split_or_the_end_of_train(monkeypatch):
+    """A datasets name (offline here: the Hub calls replaced) evaluates on its test (else validation) split; without
+    either, on the end of its train split, as local text; train never reads the held-out part."""
+    import datasets
+
+    splits = {"train": [f"train line {i}" for i in range(100)], "validation": ["held out line"]}
+
+    def load_dataset(name, config=None, split=None, **kwargs):
+        return datasets.Dataset.from_dict({"text": splits[split]})
+
+    monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, config=None: list(splits))
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert list(documents("someone/corpus", "test")["text"]) == ["held out line"]
+    assert list(documents("someone/corpus", "train")["text"]) == ["\n".join(splits["train"])]
+    del splits["validation"]
+    train, test = (documents("someone/corpus", split, 0.1)["text"][0] for split in ("train", "test"))
+    assert train + test == "\n".join(splits["train"]) and test.startswith("train line 9")
+    splits.pop("train")
+    splits["test"] = ["x"]
+    with pytest.raises(ValueError, match="has no train split to train on"):
+        documents("someone/corpus", "train")

@@ -164,8 +164,10 @@ def documents(source: str | None = None, split: str = "train", held_out_fraction
 
     names = get_dataset_split_names(name, config or None)
     held_out = next((s for s in ("test", "validation") if s in names), None)
-    if held_out is None and "train" not in names:
-        raise ValueError(f"dataset {source} has neither a train split nor a test/validation one; splits: {names}")
+    if "train" not in names and (split != "test" or held_out is None):
+        raise ValueError(
+            f"dataset {source} has no train split to {'train on' if split == 'train' else 'read'}; splits: {names}"
+        )
     wanted = {"train": "train", "test": held_out or "train", "all": "train"}[split]
     loaded = load_dataset(name, config or None, split=wanted)
     if "text" not in loaded.column_names:

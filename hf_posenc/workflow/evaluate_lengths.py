@@ -16,7 +16,7 @@ import torch
 
 from .data import HELD_OUT_FRACTION, STDLIB, documents, load_tokenizer, read_text, text_digest, token_stream
 from .evaluation import perplexity
-from .push import TRAINING_RECORD, weights_digest
+from .push import TRAINING_RECORD, WEIGHT_FILES, weights_digest
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,8 @@ def held_out_data(model_path: str | Path, data: str | None) -> tuple[str, float]
     record = training_record(model_path)
     source = data or record.get("data") or STDLIB
     fraction = record.get("held_out_fraction", HELD_OUT_FRACTION)
-    if record.get("held_out_sha256") and source == record.get("data"):
+    same = source == record.get("data") or (Path(source).exists() and str(Path(source).resolve()) == record.get("data"))
+    if record.get("held_out_sha256") and same:
         if text_digest(documents(source, "test", fraction)) != record["held_out_sha256"]:
             raise ValueError(
                 f"data: the held-out part of {source} is not the text training held out (the data changed since, "
@@ -90,7 +91,7 @@ def _weights_folder(model_path: str | Path) -> Path:
         return Path(model_path)
     from transformers.utils import cached_file
 
-    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+    for name in WEIGHT_FILES:
         found = cached_file(str(model_path), name, _raise_exceptions_for_missing_entries=False)
         if found:
             return Path(found).parent
@@ -113,8 +114,8 @@ def evaluate_lengths(
     model = load_model(model_path, device)
     source, fraction = held_out_data(model_path, data)
     encoder = load_tokenizer(tokenizer, model_path, vocab_size=model.config.get_text_config().vocab_size)
-    tokens = token_stream(source, "test", encoder, fraction)
     results = _header(model, model_path, "perplexity", source, encoder) | {"stride": stride, "lengths": {}}
+    tokens = token_stream(source, "test", encoder, fraction)
     for length in lengths:
         window_stride = None if stride is None else min(stride, length)
         try:
@@ -153,8 +154,8 @@ def evaluate_passkey(
     source, fraction = held_out_data(model_path, data)
     filler = read_text(source, "test", fraction)
     encoder = load_tokenizer(tokenizer, model_path, vocab_size=model.config.get_text_config().vocab_size)
-    results = passkey_accuracy(model, encoder, filler, lengths, progress=progress, **options)
-    return _header(model, model_path, "passkey", source, encoder) | results
+    header = _header(model, model_path, "passkey", source, encoder)  # before the work: a model it cannot read fails now
+    return header | passkey_accuracy(model, encoder, filler, lengths, progress=progress, **options)
 
 
 def markdown(results: dict) -> str:

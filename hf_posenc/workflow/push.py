@@ -408,10 +408,17 @@ def _checkpoint_markdown(checkpoint: str | None, base_type: str) -> str:
 
 
 def _tokenizer_markdown(saved: bool, recorded: str | None) -> str:
+    """The card's tokenizer line; a local path the record holds is never shown (a Hub name, or "bytes", is)."""
+    shown = recorded if recorded is None or recorded == "bytes" or not _local_path(recorded) else None
+    named = shown or ("the checkpoint's own" if recorded else None)
     if saved:
-        return "tokenizer: saved with the model" + (f" (trained with `{recorded}`)" if recorded else "")
+        return "tokenizer: saved with the model" + (
+            f" (trained with `{named}`)" if shown else f" ({named})" if named else ""
+        )
     if recorded in (None, "bytes"):
         return "tokenizer: none saved; token ids are UTF-8 byte values (hf_posenc's byte tokenizer)"
+    if shown is None:
+        return "tokenizer: a local one, not saved with the model"
     return f"tokenizer: `{recorded}`, not saved with the model: load it with `AutoTokenizer.from_pretrained`"
 
 
@@ -446,6 +453,16 @@ def _check_folder(folder: Path, model_dir: Path) -> None:
             f"{TAG}, beside a config.json with posenc); a build replaces everything in its folder, so it is left "
             f"untouched: {choose}"
         )
+    hidden = sorted(entry.name for entry in folder.iterdir() if entry.name.startswith(".")) if folder.is_dir() else []
+    if hidden:  # a build writes none: a clone's .git, an editor's files are the user's
+        raise ValueError(f"{folder} holds {', '.join(hidden)}, which a build did not write and would remove; {choose}")
+
+
+def _check_evaluations_outside(folder: Path, evaluations) -> None:
+    """Refuse an evaluation JSON inside `folder`: the rebuild replaces the folder's content, the JSON with it."""
+    for path in evaluations or []:
+        if folder.resolve() in Path(path).resolve().parents:
+            raise ValueError(f"--eval {path} lies inside {folder}, whose content the build replaces: move it out")
 
 
 def _training_record(model_dir: Path, digest: str) -> dict:
@@ -470,15 +487,25 @@ def _training_record(model_dir: Path, digest: str) -> dict:
 
 
 def _replace_contents(folder: Path, built: Path) -> None:
-    """Empty `folder` (created when missing), then move everything in `built` into it."""
+    """Replace the content of `folder` (created when missing) by everything in `built`: the old entries are moved
+    aside first and put back if moving the new ones in fails (`shutil.move` copies where a rename cannot, e.g. into a
+    mount point), so a failure leaves the earlier build as it was."""
     folder.mkdir(parents=True, exist_ok=True)
-    for entry in folder.iterdir():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    for entry in built.iterdir():
-        entry.rename(folder / entry.name)
+    aside = Path(tempfile.mkdtemp(prefix=f".{folder.resolve().name}.", suffix=".previous", dir=built.parent))
+    try:
+        for entry in list(folder.iterdir()):
+            shutil.move(str(entry), str(aside / entry.name))
+        try:
+            for entry in list(built.iterdir()):
+                shutil.move(str(entry), str(folder / entry.name))
+        except BaseException:
+            for entry in list(folder.iterdir()):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            for entry in list(aside.iterdir()):
+                shutil.move(str(entry), str(folder / entry.name))
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def build_hub_folder(
@@ -531,6 +558,7 @@ def build_hub_folder(
     if not hasattr(config, "posenc"):
         raise ValueError(f"{model_dir} is not a posenc model (its model_type is {config.model_type!r})")
     _check_folder(folder, model_dir)
+    _check_evaluations_outside(folder, evaluations)
     read = [(path, read_evaluation(path)) for path in evaluations or []]  # not evaluations at all: before any write
     parent = folder.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,15 @@ def choose_threads(requested: int | None = None, sample_seconds: float = 0.5) ->
     busy over `sample_seconds` (from /proc/stat, while this process sleeps; the 1-minute load average where there is
     no /proc/stat), at least 1. A thread on a core another process holds makes every parallel region wait for it: on a
     2-core machine with one other busy process, torch's default 2 threads trained several times slower per step than 1
-    (README, "Times and threads"; `scripts/thread_bench.py`)."""
+    (README, "Times and threads"; `scripts/thread_bench.py`).
+
+    A count set for the process already is kept: `OMP_NUM_THREADS` (which `torchrun` and `accelerate launch` set for
+    each of several processes), or a launch of several processes (WORLD_SIZE > 1), where each process would otherwise
+    count the same free cores as its own."""
     if requested is not None:
         return requested
+    if "OMP_NUM_THREADS" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.get_num_threads()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     busy = _busy_cores(sample_seconds, cores)
     return max(1, min(cores, int(cores - busy + 0.5)))

@@ -72,8 +72,11 @@ class PosencArguments:
     )
 
     def __post_init__(self):
-        if isinstance(self.posenc, str) and self.posenc.lstrip().startswith("{"):
-            self.posenc = yaml.safe_load(self.posenc)  # a mapping given on the command line
+        if isinstance(self.posenc, str) and self.posenc.lstrip().startswith("{"):  # a mapping on the command line
+            try:
+                self.posenc = json.loads(self.posenc)  # JSON first: YAML reads 1e-05 as a string
+            except json.JSONDecodeError:
+                self.posenc = yaml.safe_load(self.posenc)
 
 
 @dataclass
@@ -130,36 +133,52 @@ def _field_names() -> set[str]:
     return {f.name for cls in (PosencArguments, DataArguments, TrainingArguments) for f in fields(cls) if f.init}
 
 
-def _flags(argv: list[str]) -> list[str]:
-    """`name=value` items as `--name value`, unless they follow a `--flag` as its value (`--run_name a=b`);
-    `--alias[=value]` as the field's flag (`steps` is `max_steps`); everything else as it is."""
+def _flags(argv: list[str], actions: dict) -> list[str]:
+    """`name=value` items as `--name=value`, unless they are the value of the flag before them (`--run_name a=b`;
+    a flag whose value is optional, `--packing`, takes none that names a field); `--alias[=value]` as the field's
+    flag (`steps` is `max_steps`); everything else as it is."""
     out = []
     for index, item in enumerate(argv):
-        follows_flag = index > 0 and argv[index - 1].startswith("--") and "=" not in argv[index - 1]
         if item.startswith("--"):
             flag, sep, value = item[2:].partition("=")
             out.append(f"--{ALIASES.get(flag.replace('-', '_'), flag)}{sep}{value}")
             continue
         name, sep, value = item.partition("=")
-        if sep and name and not follows_flag:
-            out += [f"--{ALIASES.get(name.replace('-', '_'), name)}", value]
+        field_name = ALIASES.get(name.replace("-", "_"), name.replace("-", "_"))
+        before = argv[index - 1] if index else ""
+        before_action = actions.get(ALIASES.get(before[2:], before[2:])) if before.startswith("--") else None
+        takes_value = before.startswith("--") and "=" not in before
+        optional = before_action is not None and before_action.nargs == "?"
+        if takes_value and optional and field_name in actions:
+            takes_value = False  # `--packing max_steps=5`: the flag stands alone
+        if sep and name and not takes_value:
+            out.append(f"--{field_name}={value}")
         else:
             out.append(item)
     return out
 
 
-def _as_arguments(values: dict[str, Any]) -> list[str]:
+def _as_arguments(values: dict[str, Any], actions: dict) -> tuple[list[str], dict[str, Any]]:
     """A mapping of fields (as a YAML file gives them) as command-line arguments, so that argparse checks and converts
-    every value as it does the command line's (None values are left out: the caller sets them as defaults)."""
-    out = []
+    every value as it does the command line's; and the values argparse cannot take as text (None, the posenc
+    mapping, a list or a bool for a field that reads one string), which become defaults as they are."""
+    out, defaults = [], {}
     for key, value in values.items():
-        if value is None:
-            continue
-        if isinstance(value, list):
-            out += [f"--{key}", *(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)]
+        action = actions.get(key)
+        takes_list = action is not None and action.nargs in ("+", "*")
+        takes_bool = action is not None and getattr(action.type, "__name__", "") == "string_to_bool"
+        if value is None or key == "posenc" or action is None:
+            defaults[key] = value
+        elif isinstance(value, list):
+            if takes_list and all(not isinstance(v, (dict, list)) for v in value):
+                out += [f"--{key}", *map(str, value)]
+            else:
+                defaults[key] = value
+        elif isinstance(value, bool) and not takes_bool:
+            defaults[key] = value
         else:
-            out += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return out
+            out.append(f"--{key}={json.dumps(value) if isinstance(value, dict) else value}")
+    return out, defaults
 
 
 def parse_train_arguments(argv: list[str] | None = None, values: dict[str, Any] | None = None):
@@ -168,7 +187,8 @@ def parse_train_arguments(argv: list[str] | None = None, values: dict[str, Any] 
     `values`, which win over the file. Unknown names, bad types and a missing file raise ValueError naming them."""
     parser = _parser()
     known = _field_names()
-    argv = _flags(list(argv or []))
+    actions = {action.dest: action for action in parser._actions}
+    argv = _flags(list(argv or []), actions)
     config_path = None
     for at, item in enumerate(argv):
         if item == "--config" or item.startswith("--config="):
@@ -191,11 +211,10 @@ def parse_train_arguments(argv: list[str] | None = None, values: dict[str, Any] 
     if unknown:
         hint = "; `hf-posenc train --help` lists every field (PosencArguments, DataArguments, TrainingArguments)"
         raise ValueError(f"{config_path or 'train'}: unknown field(s) {unknown}{hint}")
-    parser.set_defaults(**{key: None for key, value in loaded.items() if value is None})
+    from_values, defaults = _as_arguments(loaded, actions)
+    parser.set_defaults(**defaults)
     try:
-        posenc_args, data_args, training_args, *_ = parser.parse_args_into_dataclasses(
-            args=_as_arguments(loaded) + argv
-        )
+        posenc_args, data_args, training_args, *_ = parser.parse_args_into_dataclasses(args=from_values + argv)
     except TypeError as error:  # a value argparse passed on that the dataclass refuses
         raise ValueError(f"invalid arguments: {error}") from error
     validate(posenc_args, data_args)
@@ -404,8 +423,11 @@ def _run_train(posenc_args: PosencArguments, data_args: DataArguments, training_
 
 
 def _absolute(source: str | None) -> str | None:
-    """A local path as an absolute one (a record read from elsewhere still finds it), a Hub name as it is."""
-    return str(Path(source).resolve()) if source is not None and Path(source).exists() else source
+    """A local path as an absolute one (a record read from elsewhere still finds it); a Hub name and the names
+    `stdlib`, `bytes` and `auto` as they are (even where the working folder has an entry of that name)."""
+    if source is None or source in (STDLIB, BYTES, AUTO) or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
 
 
 def _tokenizer_name(posenc_args: PosencArguments) -> str:
