@@ -76,11 +76,11 @@ def with_columns(q, k, v, slopes, split: bool) -> torch.Tensor:
         q_columns, k_columns = [m / scale], [j]
     extra = len(q_columns)
     width = dim + extra + (-(dim + extra) % 8)  # a multiple of 8, as the fused kernels want
-    eq, ek, ev = (t.new_zeros(batch, heads, length, width) for t in (q, k, v))
-    eq[..., :dim], ek[..., :dim], ev[..., :dim] = q, k, v
-    for index, (qc, kc) in enumerate(zip(q_columns, k_columns)):
-        eq[..., dim + index] = qc.expand(batch, heads, length).to(q.dtype)
-        ek[..., dim + index] = kc.to(q.dtype)
+    pad = width - dim - extra
+    eq = torch.cat([q, *(c.expand(batch, heads, length)[..., None].to(q.dtype) for c in q_columns)], dim=-1)
+    ek = torch.cat([k, *(c.expand(batch, heads, length)[..., None].to(k.dtype) for c in k_columns)], dim=-1)
+    eq, ek = (F.pad(t, (0, pad)) for t in (eq, ek))  # autograd reaches q and k through the concatenation
+    ev = F.pad(v, (0, width - dim))
     out = F.scaled_dot_product_attention(eq, ek, ev, is_causal=True, scale=scale)
     return out[..., :dim]
 
@@ -113,6 +113,27 @@ def main() -> None:
             cells.append(f"{error.mean().item():.1e} / {error.max().item():.1e}")
         print(f"| {length} | " + " | ".join(cells) + " |")
     print("(mean / max absolute error of the output)")
+    print("\nThe gradients (of the output against a fixed random cotangent), mean relative error against float64:")
+    print("| length | bf16 mask | one column | split columns |")
+    print("|---|---|---|---|")
+    for length in (int(n) for n in args.lengths.split(",")):
+        generator = torch.Generator().manual_seed(length)
+        q, k, v, cotangent = (torch.randn(1, args.heads, length, args.head_dim, generator=generator) for _ in range(4))
+        inputs = [t.to(torch.bfloat16).double().requires_grad_() for t in (q, k, v)]
+        (reference(*inputs, slopes) * cotangent.double()).sum().backward()
+        expected = [t.grad for t in inputs]
+        cells = []
+        for run in (
+            lambda *t: with_bias_mask(*t, slopes),
+            lambda *t: with_columns(*t, slopes, split=False),
+            lambda *t: with_columns(*t, slopes, split=True),
+        ):
+            ours = [t.to(args.device, torch.bfloat16).requires_grad_() for t in (q, k, v)]
+            (run(*ours).float() * cotangent.to(args.device)).sum().backward()
+            errors = [(o.grad.double().cpu() - e).abs().mean() / e.abs().mean() for o, e in zip(ours, expected)]
+            cells.append(" / ".join(f"{e.item():.1e}" for e in errors))
+        print(f"| {length} | " + " | ".join(cells) + " |")
+    print("(dq / dk / dv)")
 
 
 if __name__ == "__main__":
