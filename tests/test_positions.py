@@ -181,3 +181,35 @@ def test_packed_loss_equals_each_alone_for_every_scheme(arch, case):
     losses = [model(d[None], labels=d[None]).loss * (len(d) - 1) for d in docs]
     unpacked = sum(losses) / sum(len(d) - 1 for d in docs)
     torch.testing.assert_close(packed, unpacked, rtol=1e-5, atol=1e-5)
+
+
+def test_flex_builds_a_causal_block_mask_once(monkeypatch):
+    """posenc_flex builds the block mask of a causal call once per (lengths, offset, window, direction, device): not
+    once per layer, not again at the next forward of the same length; a padding mask's is built per call (its block
+    mask would keep the mask tensor alive); outputs are those of a fresh build."""
+    import torch.nn.attention.flex_attention as flex
+
+    built = []
+    create = flex.create_block_mask
+
+    def counting(*args, **kwargs):
+        built.append(args[3:5])
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(flex, "create_block_mask", counting)
+    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})
+    model = build("llama", "alibi", attn_implementation="posenc_flex")  # 2 layers
+    x = tokens()
+    first = logits(model, x)
+    assert built == [(x.shape[1], x.shape[1])]
+    torch.testing.assert_close(logits(model, x), first, rtol=0, atol=0)
+    assert len(built) == 1  # the next forward of the same length builds nothing
+    logits(model, x[:, :-3])
+    assert len(built) == 2  # another length: one more
+    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})
+    torch.testing.assert_close(logits(model, x), first, rtol=0, atol=0)  # the same as a fresh build
+    built.clear()
+    padding = torch.ones_like(x)
+    padding[0, :3] = 0
+    logits(model, x, attention_mask=padding)
+    assert len(built) == 2  # per layer: nothing kept alive with the mask

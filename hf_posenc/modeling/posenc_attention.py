@@ -987,6 +987,29 @@ def _compiled_flex():
 FLEX_COMPILE = True
 
 
+#: block masks without a mask tensor by (query length, key length, offset, window, direction, device): the same at
+#: every layer of a forward and at every step of the same length, so built once, not once per layer and step; the
+#: most recent few are kept
+_CAUSAL_BLOCK_MASKS: dict = {}
+CAUSAL_BLOCK_MASKS_KEPT = 8
+
+
+def _causal_block_mask(mask_mod, q_length: int, k_length: int, shift: int, window: int | None, causal: bool, device):
+    """The block mask of `mask_mod` (causal and/or windowed: a function of these scalars alone), built once per
+    (lengths, offset, window, direction, device) and reused (a mask tensor's block mask is not: it would keep the
+    tensor alive)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if torch.compiler.is_compiling():  # no state across calls inside a traced graph
+        return create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
+    key = (q_length, k_length, shift, window, causal, str(device))
+    if key not in _CAUSAL_BLOCK_MASKS:
+        if len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
+            del _CAUSAL_BLOCK_MASKS[next(iter(_CAUSAL_BLOCK_MASKS))]  # the oldest
+        _CAUSAL_BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
+    return _CAUSAL_BLOCK_MASKS[key]
+
+
 def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flex_attention with the bias as a score_mod: `score + table[h, j - i + Q - 1]`, the provider's fp32 bias of
     every relative distance the call can see ((H, Q + K - 1), not (Q, K)). Masks are block masks: causal from the
@@ -1064,8 +1087,10 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
 
     if mask_mod is None:
         block_mask = None
+    elif masks.mask is None:  # causal (and windowed): the same few scalars at every layer, and every step
+        block_mask = _causal_block_mask(mask_mod, q_length, k_length, shift, window, masks.causal, query.device)
     else:
-        rows = masks.mask.shape[0] if masks.mask is not None else None
+        rows = masks.mask.shape[0]
         block_mask = create_block_mask(mask_mod, rows, None, q_length, k_length, device=query.device)
     function = _compiled_flex() if FLEX_COMPILE else flex_attention
     output = function(
