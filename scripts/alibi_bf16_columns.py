@@ -10,7 +10,9 @@ exactly past 256 (8 significant bits), so here j, counted from the middle key, i
 lo = j - 256 hi, integers bf16 holds exactly while |hi| <= 256 (K <= 131072), one column each; q carries 256 m_h / scale
 and m_h / scale (scale = 1/sqrt(head width), passed to SDPA explicitly so that the extra columns do not change it).
 Each product is exact in the kernel's float32 accumulation; the bias is exact up to the bf16 rounding of m_h / scale,
-the same relative rounding for both columns, so at most a slope off by 2^-9.
+the same relative rounding for both columns, so at most a slope off by 2^-9. The float32 sum then rounds at the
+magnitude of m |j - middle| / scale: about 4e-3 in the scores near 128k tokens, bf16's own order; GPU tensor cores
+accumulate differently, so rerun with --device cuda before relying on it there.
 
 Rows, per length: the mean and the maximum absolute error of the bf16 attention output against float64 ALiBi
 attention of the same (bf16-rounded) q, k and v, for

@@ -213,3 +213,14 @@ def test_flex_builds_a_causal_block_mask_once(monkeypatch):
     padding[0, :3] = 0
     logits(model, x, attention_mask=padding)
     assert len(built) == 2  # per layer: nothing kept alive with the mask
+
+
+def test_a_cached_block_mask_built_in_inference_mode_is_a_normal_tensor(monkeypatch):
+    """A block mask first built under inference_mode (a pipeline call) is reused by a later training step, whose
+    backward saves it: it is built outside inference mode."""
+    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})
+    model = build("llama", "alibi", attn_implementation="posenc_flex")
+    with torch.inference_mode():
+        model(tokens())
+    (cached,) = posenc_attention._CAUSAL_BLOCK_MASKS.values()
+    assert not any(t.is_inference() for t in cached.as_tuple() if isinstance(t, torch.Tensor))

@@ -989,7 +989,7 @@ FLEX_COMPILE = True
 
 #: block masks without a mask tensor by (query length, key length, offset, window, direction, device): the same at
 #: every layer of a forward and at every step of the same length, so built once, not once per layer and step; the
-#: most recent few are kept
+#: most recently used few are kept
 _CAUSAL_BLOCK_MASKS: dict = {}
 CAUSAL_BLOCK_MASKS_KEPT = 8
 
@@ -1003,11 +1003,16 @@ def _causal_block_mask(mask_mod, q_length: int, k_length: int, shift: int, windo
     if torch.compiler.is_compiling():  # no state across calls inside a traced graph
         return create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
     key = (q_length, k_length, shift, window, causal, str(device))
-    if key not in _CAUSAL_BLOCK_MASKS:
-        if len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
-            del _CAUSAL_BLOCK_MASKS[next(iter(_CAUSAL_BLOCK_MASKS))]  # the oldest
-        _CAUSAL_BLOCK_MASKS[key] = create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
-    return _CAUSAL_BLOCK_MASKS[key]
+    block_mask = _CAUSAL_BLOCK_MASKS.pop(key, None)
+    if block_mask is None:
+        while len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
+            _CAUSAL_BLOCK_MASKS.pop(next(iter(_CAUSAL_BLOCK_MASKS), None), None)  # the least recently used
+        # outside inference mode: a mask built for a pipeline call must serve a later training step, whose backward
+        # saves the block mask's tensors (inference tensors cannot be saved)
+        with torch.inference_mode(False):
+            block_mask = create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
+    _CAUSAL_BLOCK_MASKS[key] = block_mask  # the most recent last
+    return block_mask
 
 
 def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
