@@ -15,7 +15,14 @@ from conftest import build
 from hf_posenc.cli import main
 from hf_posenc.workflow.compare import CompareConfig, run_compare, write_outputs
 from hf_posenc.workflow.config import load_config, parse_overrides
-from hf_posenc.workflow.data import byte_tokenizer, documents, read_text, stdlib_files, token_stream
+from hf_posenc.workflow.data import (
+    byte_tokenizer,
+    documents,
+    read_text,
+    stdlib_files,
+    token_stream,
+    train_and_test,
+)
 from hf_posenc.workflow.evaluation import perplexity
 from hf_posenc.workflow.train import parse_train_arguments
 
@@ -47,6 +54,7 @@ def test_data_is_read_locally_and_split_for_evaluation(tmp_path):
     assert list(documents(str(tmp_path), "all")["text"]) == ["one\n" * 50, "two\n" * 50]
     train, test = (list(documents(str(tmp_path), split, 0.1)["text"]) for split in ("train", "test"))
     assert train == ["one\n" * 50, "two\n" * 41] and test == ["two\n" * 9]  # cut at the line break after 90%
+    assert [list(d["text"]) for d in train_and_test(str(tmp_path), 0.1)] == [train, test]  # one read, both parts
     assert read_text(str(tmp_path / "a.txt"), "test", 0.5) == "one\n" * 24  # the break after character 100
     assert sum(path.stat().st_size for path in stdlib_files(limit=10_000)) >= 10_000
     tokens = token_stream(str(tmp_path), "test", byte_tokenizer(), 0.1)

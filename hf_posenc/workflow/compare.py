@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from .. import __version__, archs
 from ..auto import with_posenc
 from ..modeling.posenc_schemes import LAYER_OPTIONS, SCHEMES, entry_scheme, normalize_posenc, softmax_attention_kind
-from .data import HELD_OUT_FRACTION, byte_tokenizer, check_source, read_text, token_stream
+from .data import HELD_OUT_FRACTION, byte_tokenizer, check_source, joined, tokens_of, train_and_test
 from .evaluation import perplexity
 from .plots import plot_compare
 from .threads import torch_threads
@@ -433,15 +433,15 @@ def _run_compare(config: CompareConfig, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM
 
     tokenizer = byte_tokenizer()
-    train_tokens = token_stream(config.data, "train", tokenizer, config.held_out_fraction)
-    held_out = token_stream(config.data, "test", tokenizer, config.held_out_fraction)
+    train_texts, held_out_texts = train_and_test(config.data, config.held_out_fraction)
+    train_tokens, held_out = tokens_of(train_texts, tokenizer), tokens_of(held_out_texts, tokenizer)
     if len(held_out) < config.eval_tokens:
         raise ValueError(
             f"the held-out text has {len(held_out)} tokens, fewer than eval_tokens={config.eval_tokens}: "
             "use more data, a larger held_out_fraction or fewer eval_tokens"
         )
     stock = config.stock
-    passkey = Passkey(config, tokenizer, read_text(config.data, "test", config.held_out_fraction))
+    passkey = Passkey(config, tokenizer, joined(held_out_texts))
     results = {"config": dataclasses.asdict(config), "schemes": [], "environment": environment(device)}
     trained = {}  # the index of each trained scheme an arm starts from -> its config and weights
     sources = {config.source_index(arm["from"]) for arm in config.recalibration_arms}

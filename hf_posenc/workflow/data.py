@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sysconfig
 from pathlib import Path
 
@@ -113,6 +114,37 @@ def load_tokenizer(name: str | None = AUTO, model_path: str | Path | None = None
     return tokenizer
 
 
+def local_path(name: str) -> bool:
+    """Whether `name` is a local path: one that exists here, or one shaped like a path wherever it was written
+    (absolute, starting with ".", "/" or "~", holding a backslash or a drive, or more than one "/"); what is left
+    ("name" or "owner/name") may be a Hub name."""
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or re.match(r"[A-Za-z]:[\\/]", name) is not None
+        or Path(name).is_absolute()
+        or Path(name).expanduser().exists()
+    )
+
+
+def recorded_source(source: str | None) -> str | None:
+    """A source as a record names it: a local path as an absolute one (read from elsewhere, it still finds it); a Hub
+    name and the names `stdlib`, `bytes` and `auto` as they are (even where the working folder has an entry of that
+    name)."""
+    if source is None or source in (STDLIB, BYTES, AUTO) or not Path(source).exists():
+        return source
+    return str(Path(source).resolve())
+
+
+def hub_data_name(source: str | None) -> bool:
+    """Whether `source` can only mean a `datasets` name ("wikitext:wikitext-2-raw-v1", "user/name"): not the stdlib
+    text, not a local path (`local_path`), and no file suffix on the name before its ":config"."""
+    if source in (None, STDLIB) or local_path(source):
+        return False
+    return not Path(source.partition(":")[0]).suffix
+
+
 def check_source(source: str | None) -> None:
     """Refuse a data source that names a local path that is not there, before any work (a name that could be a Hub
     data set, "wikitext" or "user/name", is checked when it loads)."""
@@ -123,7 +155,7 @@ def check_source(source: str | None) -> None:
         if path.is_dir() and not any(path.rglob("*.txt")):
             raise ValueError(f"data: the folder {source} holds no .txt files")
         return
-    if path.suffix or source.startswith((".", "/", "~")) or source.count("/") > 1:  # "user/name" is a Hub name
+    if not hub_data_name(source):
         raise ValueError(
             f"data: {source!r} is neither a file nor a folder; allowed: 'stdlib', a text file, a folder of .txt "
             "files, or a datasets name such as 'wikitext:wikitext-2-raw-v1'"
@@ -143,19 +175,9 @@ def documents(source: str | None = None, split: str = "train", held_out_fraction
     """
     from datasets import Dataset, load_dataset
 
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not 0 < held_out_fraction < 1:
-        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
-    check_source(source)
-    path = None if source in (None, STDLIB) else Path(source)
-    if path is None or path.exists():
-        files = stdlib_files() if path is None else [path] if path.is_file() else sorted(path.rglob("*.txt"))
-        # bytes that are not UTF-8 become U+FFFD rather than failing the read
-        loaded = _quietly(
-            load_dataset, "text", data_files=[str(f) for f in files], sample_by="document", encoding_errors="replace"
-        )["train"]
-        texts = loaded["text"]
+    _check(source, split, held_out_fraction)
+    if _is_local(source):
+        texts = _local_texts(source)
         return Dataset.from_dict(
             {"text": texts if split == "all" else _held_out_split(texts, split, held_out_fraction)}
         )
@@ -179,6 +201,42 @@ def documents(source: str | None = None, split: str = "train", held_out_fraction
     elif split == "all" and held_out is not None:
         texts.append("\n".join(load_dataset(name, config or None, split=held_out)["text"]))
     return Dataset.from_dict({"text": texts})
+
+
+def train_and_test(source: str | None = None, held_out_fraction: float = HELD_OUT_FRACTION):
+    """(`documents(source, "train")`, `documents(source, "test")`), local text read once for both."""
+    from datasets import Dataset
+
+    _check(source, "all", held_out_fraction)
+    if not _is_local(source):  # a datasets name: two splits, two loads
+        return documents(source, "train", held_out_fraction), documents(source, "test", held_out_fraction)
+    texts = _local_texts(source)
+    return tuple(Dataset.from_dict({"text": _held_out_split(texts, split, held_out_fraction)}) for split in SPLITS[:2])
+
+
+def _check(source: str | None, split: str, held_out_fraction: float) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 < held_out_fraction < 1:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    check_source(source)
+
+
+def _is_local(source: str | None) -> bool:
+    return source in (None, STDLIB) or Path(source).exists()
+
+
+def _local_texts(source: str | None) -> list[str]:
+    """The documents of the stdlib text, a file or a folder, read with `load_dataset("text")`, a document per file."""
+    from datasets import load_dataset
+
+    path = None if source in (None, STDLIB) else Path(source)
+    files = stdlib_files() if path is None else [path] if path.is_file() else sorted(path.rglob("*.txt"))
+    # bytes that are not UTF-8 become U+FFFD rather than failing the read
+    loaded = _quietly(
+        load_dataset, "text", data_files=[str(f) for f in files], sample_by="document", encoding_errors="replace"
+    )["train"]
+    return loaded["text"]
 
 
 def _quietly(load, *args, **kwargs):
@@ -221,14 +279,19 @@ def text_digest(texts) -> str:
     import hashlib
 
     digest = hashlib.sha256()
-    for text in texts["text"] if not isinstance(texts, list) else texts:
+    for text in texts["text"]:
         digest.update(text.encode("utf-8", errors="surrogatepass") + b"\x00")
     return digest.hexdigest()
 
 
+def joined(texts) -> str:
+    """Documents (a "text" column) as one string, separated by a blank line."""
+    return "\n\n".join(texts["text"])
+
+
 def read_text(source: str | None = None, split: str = "train", held_out_fraction: float = HELD_OUT_FRACTION) -> str:
-    """`documents(source, split)` as one string (documents separated by a blank line)."""
-    return "\n\n".join(documents(source, split, held_out_fraction)["text"])
+    """`documents(source, split)` as one string (`joined`)."""
+    return joined(documents(source, split, held_out_fraction))
 
 
 def tokenize_documents(texts, tokenizer):
@@ -246,8 +309,13 @@ def tokenize_documents(texts, tokenizer):
 def token_stream(
     source: str | None, split: str, tokenizer, held_out_fraction: float = HELD_OUT_FRACTION
 ) -> torch.Tensor:
-    """Every document of `source`'s `split`, tokenized and joined, as one 1-D tensor of ids."""
-    ids = tokenize_documents(documents(source, split, held_out_fraction), tokenizer)["input_ids"]
+    """Every document of `source`'s `split`, tokenized and joined, as one 1-D tensor of ids (`tokens_of`)."""
+    return tokens_of(documents(source, split, held_out_fraction), tokenizer)
+
+
+def tokens_of(texts, tokenizer) -> torch.Tensor:
+    """Documents (a "text" column) tokenized (`tokenize_documents`) and joined, as one 1-D tensor of ids."""
+    ids = tokenize_documents(texts, tokenizer)["input_ids"]
     return torch.tensor([token for row in ids for token in row], dtype=torch.long)
 
 

@@ -14,8 +14,18 @@ from pathlib import Path
 
 import torch
 
-from .data import HELD_OUT_FRACTION, STDLIB, documents, load_tokenizer, read_text, text_digest, token_stream
-from .evaluation import perplexity
+from .data import (
+    HELD_OUT_FRACTION,
+    STDLIB,
+    documents,
+    joined,
+    load_tokenizer,
+    local_path,
+    recorded_source,
+    text_digest,
+    tokens_of,
+)
+from .evaluation import past_position_table, perplexity
 from .push import TRAINING_RECORD, WEIGHT_FILES, weights_digest
 
 logger = logging.getLogger(__name__)
@@ -30,7 +40,7 @@ def check_model_path(model_path: str | Path) -> None:
         if not (path / "config.json").exists():
             raise ValueError(f"model: {model_path} is a folder without config.json (not a saved model)")
         return
-    if path.exists() or str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") > 1:
+    if local_path(str(model_path)):  # not a Hub name either
         raise ValueError(f"model: no saved model folder at {model_path}")
 
 
@@ -40,23 +50,22 @@ def training_record(model_path: str | Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def held_out_data(model_path: str | Path, data: str | None) -> tuple[str, float]:
-    """(data source, held-out fraction) to evaluate on: `data` if given, else the model's recorded training data,
-    else the standard-library text; the fraction the training recorded, else the default. Where training recorded
-    the held-out text's digest and the data is its own, the held-out part must still be that text: data that changed
-    since (a file added to a folder, text inserted, another Python's standard library) would move the cut and put
-    trained-on text into the evaluation, so that is refused."""
+def held_out_data(model_path: str | Path, data: str | None):
+    """(data source, its held-out documents) to evaluate on: `data` if given, else the model's recorded training
+    data, else the standard-library text; held out by the fraction the training recorded, else the default. Where
+    training recorded the held-out text's digest and the data is its own, the held-out part must still be that text:
+    data that changed since (a file added to a folder, text inserted, another Python's standard library) would move
+    the cut and put trained-on text into the evaluation, so that is refused."""
     record = training_record(model_path)
     source = data or record.get("data") or STDLIB
-    fraction = record.get("held_out_fraction", HELD_OUT_FRACTION)
-    same = source == record.get("data") or (Path(source).exists() and str(Path(source).resolve()) == record.get("data"))
-    if record.get("held_out_sha256") and same:
-        if text_digest(documents(source, "test", fraction)) != record["held_out_sha256"]:
+    texts = documents(source, "test", record.get("held_out_fraction", HELD_OUT_FRACTION))
+    if record.get("held_out_sha256") and recorded_source(source) == record.get("data"):
+        if text_digest(texts) != record["held_out_sha256"]:
             raise ValueError(
                 f"data: the held-out part of {source} is not the text training held out (the data changed since, "
                 "and its cut moved): evaluate on text the model never saw with --data"
             )
-    return source, fraction
+    return source, texts
 
 
 def load_model(model_path: str, device: str | None = None):
@@ -112,10 +121,10 @@ def evaluate_lengths(
     {"task": "perplexity", "model", "posenc", "weights_sha256", "data", "split", "stride",
     "lengths": {length: {"ppl", "nll", "tokens"} or {"error"}}}."""
     model = load_model(model_path, device)
-    source, fraction = held_out_data(model_path, data)
+    source, texts = held_out_data(model_path, data)
     encoder = load_tokenizer(tokenizer, model_path, vocab_size=model.config.get_text_config().vocab_size)
     results = _header(model, model_path, "perplexity", source, encoder) | {"stride": stride, "lengths": {}}
-    tokens = token_stream(source, "test", encoder, fraction)
+    tokens = tokens_of(texts, encoder)
     for length in lengths:
         window_stride = None if stride is None else min(stride, length)
         try:
@@ -129,11 +138,8 @@ def evaluate_lengths(
             )
         except ValueError as error:  # a posenc learned table that ends, or too little text: reported, not fatal
             results["lengths"][length] = {"error": str(error)}
-        except IndexError as error:  # a stock model's position table ends (nn.Embedding's own error)
-            limit = getattr(model.config, "max_position_embeddings", None)
-            if limit is None or length <= limit:
-                raise
-            results["lengths"][length] = {"error": f"past the model's position table ({limit} positions): {error}"}
+        except IndexError as error:  # a stock model's position table ends
+            results["lengths"][length] = {"error": past_position_table(model, length, error)}
     return results
 
 
@@ -151,8 +157,8 @@ def evaluate_passkey(
     from .passkey import passkey_accuracy
 
     model = load_model(model_path, device)
-    source, fraction = held_out_data(model_path, data)
-    filler = read_text(source, "test", fraction)
+    source, texts = held_out_data(model_path, data)
+    filler = joined(texts)
     encoder = load_tokenizer(tokenizer, model_path, vocab_size=model.config.get_text_config().vocab_size)
     header = _header(model, model_path, "passkey", source, encoder)  # before the work: a model it cannot read fails now
     return header | passkey_accuracy(model, encoder, filler, lengths, progress=progress, **options)

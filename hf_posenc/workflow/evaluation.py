@@ -57,3 +57,13 @@ def perplexity(
             scored += keep.numel()
     mean = total_nll / scored
     return {"ppl": math.exp(mean), "nll": mean, "tokens": scored}
+
+
+def past_position_table(model, length: int, error: IndexError) -> str:
+    """What an IndexError means when a stock model reads `length` tokens: past its position table (nn.Embedding's own
+    error) where `length` exceeds `max_position_embeddings`, the message returned; anything else (an id past the
+    vocabulary, a bug) is raised again rather than reported as that."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit is None or length <= limit:
+        raise error
+    return f"past the model's position table ({limit} positions): {error}"

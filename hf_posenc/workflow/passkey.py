@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .evaluation import past_position_table
+
 logger = logging.getLogger(__name__)
 
 #: The needle; `{key}` is replaced by the key. Leading and trailing spaces separate it from the filler.
@@ -458,9 +460,8 @@ def passkey_accuracy(
                 results["lengths"][length] = {"error": str(error)}
                 bar.update(per_length - len(hits))
                 continue
-            except IndexError as error:  # a stock model's position table ends (nn.Embedding's own error)
-                limit = getattr(getattr(model, "config", None), "max_position_embeddings", "?")
-                message = f"past the model's position table ({limit} positions): {error}"
+            except IndexError as error:  # a stock model's position table ends
+                message = past_position_table(model, length, error)
                 logger.warning("passkey: length %d failed: %s", length, message)
                 results["lengths"][length] = {"error": message}
                 bar.update(per_length - len(hits))

@@ -13,13 +13,12 @@ import hashlib
 import json
 import logging
 import math
-import re
 import shlex
 import shutil
 import tempfile
 from pathlib import Path
 
-from .data import STDLIB, has_tokenizer
+from .data import STDLIB, has_tokenizer, hub_data_name, local_path
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +26,6 @@ TRAINING_RECORD = "hf_posenc_training.json"  # written next to a model by `hf-po
 PLOT = "evaluation.png"  # drawn by `build_hub_folder` from the evaluation JSONs
 # the first tag of every card `build_hub_folder` writes: with a config.json holding posenc, what marks a build
 TAG = "hf_posenc"
-# suffixes that make a data source a (missing) local file rather than a Hub dataset name
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv", ".py", ".gz", ".parquet")
 # the weight files `from_pretrained` reads, in the order it looks for them
 WEIGHT_FILES = (
     "model.safetensors",
@@ -106,25 +103,11 @@ def _auto_class(config, model_class: type) -> str:
     return next((auto for auto in PIPELINE_TAGS if auto in names), names[0] if names else "AutoModel")
 
 
-def _local_path(name: str) -> bool:
-    """Whether `name` is a local path: one that exists here, or one shaped like a path wherever it was recorded
-    (absolute, starting with ".", "/" or "~", holding a backslash or a drive, or more than one "/"); what is left
-    ("name" or "owner/name") may be a Hub name."""
-    return (
-        name.startswith((".", "/", "~"))
-        or "\\" in name
-        or name.count("/") > 1
-        or re.match(r"[A-Za-z]:[\\/]", name) is not None
-        or Path(name).is_absolute()
-        or Path(name).expanduser().exists()
-    )
-
-
 def _hub_id(name: str | None) -> str | None:
-    """`name` when it can only mean a Hub repo id (not a local path, see `_local_path`), else None."""
+    """`name` when it can only mean a Hub repo id (not a local path, see `data.local_path`), else None."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not name or _local_path(name):
+    if not name or local_path(name):
         return None
     try:
         validate_repo_id(name)
@@ -136,10 +119,10 @@ def _hub_id(name: str | None) -> str | None:
 def _hub_dataset(data: str | None) -> tuple[str, str | None] | None:
     """(dataset id, config) when `data` names a Hub dataset the way the data module reads one ("name:config"), not
     the stdlib text nor a local file or folder (here or, by its shape, on the machine that trained)."""
-    if data in (None, STDLIB) or _local_path(data):
+    if not hub_data_name(data):
         return None
     name, _, config = data.partition(":")
-    if name.lower().endswith(TEXT_SUFFIXES) or _hub_id(name) is None:
+    if _hub_id(name) is None:
         return None
     return name, config or None
 
@@ -409,7 +392,7 @@ def _checkpoint_markdown(checkpoint: str | None, base_type: str) -> str:
 
 def _tokenizer_markdown(saved: bool, recorded: str | None) -> str:
     """The card's tokenizer line; a local path the record holds is never shown (a Hub name, or "bytes", is)."""
-    shown = recorded if recorded is None or recorded == "bytes" or not _local_path(recorded) else None
+    shown = recorded if recorded is None or recorded == "bytes" or not local_path(recorded) else None
     named = shown or ("the checkpoint's own" if recorded else None)
     if saved:
         return "tokenizer: saved with the model" + (

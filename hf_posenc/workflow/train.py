@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from .. import archs
-from .data import AUTO, BYTES, HELD_OUT_FRACTION, STDLIB, check_source, has_tokenizer
+from .data import AUTO, BYTES, HELD_OUT_FRACTION, STDLIB, check_source, has_tokenizer, recorded_source
 from .push import TRAINING_RECORD
 
 logger = logging.getLogger(__name__)
@@ -327,12 +327,11 @@ def build_model(posenc_args: PosencArguments, data_args: DataArguments, tokenize
 def datasets_for(data_args: DataArguments, tokenizer, main_process_first):
     """(training blocks, held-out blocks, the held-out text's sha256): grouped blocks of `seq_length` (document
     blocks when packing); the held-out ones are always grouped, at most `max_eval_blocks`."""
-    from .data import document_blocks, documents, group_into_blocks, text_digest, tokenize_documents
+    from .data import document_blocks, group_into_blocks, text_digest, tokenize_documents, train_and_test
 
     with main_process_first(desc="reading and tokenizing the data"):
-        train_text = tokenize_documents(documents(data_args.data, "train", data_args.held_out_fraction), tokenizer)
-        held_out = documents(data_args.data, "test", data_args.held_out_fraction)
-        test_text = tokenize_documents(held_out, tokenizer)
+        train_documents, held_out = train_and_test(data_args.data, data_args.held_out_fraction)
+        train_text, test_text = tokenize_documents(train_documents, tokenizer), tokenize_documents(held_out, tokenizer)
         cut = document_blocks if data_args.packing else group_into_blocks
         train_set = cut(train_text, data_args.seq_length)
         eval_set = group_into_blocks(test_text, data_args.seq_length)
@@ -398,13 +397,13 @@ def _run_train(posenc_args: PosencArguments, data_args: DataArguments, training_
                 "SHARDED_STATE_DICT) writes no folder through Trainer.save_model; use FULL_STATE_DICT"
             )
         record = {
-            "data": _absolute(data_args.data),
+            "data": recorded_source(data_args.data),
             "held_out_fraction": data_args.held_out_fraction,
             "held_out_sha256": held_out_digest,
             "seq_length": data_args.seq_length,
             "steps": trainer.state.global_step,
             "posenc": posenc_args.posenc,
-            "checkpoint": _absolute(posenc_args.checkpoint),
+            "checkpoint": recorded_source(posenc_args.checkpoint),
             "tokenizer": _tokenizer_name(posenc_args),
             "packing": data_args.packing,
             "eval_loss": eval_loss,
@@ -422,19 +421,11 @@ def _run_train(posenc_args: PosencArguments, data_args: DataArguments, training_
     }
 
 
-def _absolute(source: str | None) -> str | None:
-    """A local path as an absolute one (a record read from elsewhere still finds it); a Hub name and the names
-    `stdlib`, `bytes` and `auto` as they are (even where the working folder has an entry of that name)."""
-    if source is None or source in (STDLIB, BYTES, AUTO) or not Path(source).exists():
-        return source
-    return str(Path(source).resolve())
-
-
 def _tokenizer_name(posenc_args: PosencArguments) -> str:
     """What the model trained with: "bytes", the checkpoint's own (its path or name) or the tokenizer named."""
     if posenc_args.tokenizer != AUTO:
-        return _absolute(posenc_args.tokenizer)
-    return BYTES if posenc_args.checkpoint is None else _absolute(posenc_args.checkpoint)
+        return recorded_source(posenc_args.tokenizer)
+    return BYTES if posenc_args.checkpoint is None else recorded_source(posenc_args.checkpoint)
 
 
 def _resume_value(resume: str | None):
