@@ -268,11 +268,10 @@ def _eval(args) -> int:
         if args.max_tokens < 0:
             raise ValueError(f"--max-tokens must be >= 0 (0: all), got {args.max_tokens}")
         depths = _numbers(args.depths, float, "--depths")
-        if not depths or not all(0 <= d <= 1 for d in depths):
-            raise ValueError(f"--depths must be numbers in [0, 1], got {args.depths!r}")
-        for name in ("samples", "digits"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+        if args.task == "passkey":
+            from .workflow.passkey import check_arguments
+
+            check_arguments(lengths, depths, args.samples, args.digits)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         with torch_threads(args.threads):

@@ -213,6 +213,8 @@ def test_bad_arguments_fail_before_any_work(argv, message, monkeypatch, capsys):
         (["eval", "runs/missing/final"], "model: no saved model folder at runs/missing/final"),
         (["eval", ".", "--lengths", "a,b"], "--lengths must be comma-separated ints"),
         (["eval", "MODEL", "--data", "missing.txt"], "data: 'missing.txt' is neither a file nor a folder"),
+        (["eval", "MODEL", "--task", "passkey", "--depths", "0,2"], "depths must be numbers in [0, 1]"),
+        (["eval", "MODEL", "--task", "passkey", "--samples", "0"], "samples must be an int >= 1, got 0"),
         (["compare", "steps=abc"], "steps must be an integer, got 'abc'"),
         (["compare", "--config", "missing.yaml"], "--config: no such file missing.yaml"),
     ],

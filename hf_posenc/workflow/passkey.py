@@ -348,7 +348,10 @@ def token_scores(model: torch.nn.Module, samples: Sequence[Sample], batch_size: 
     return hits
 
 
-def _validate(lengths: Sequence[int], depths: Sequence[float], samples: int, digits: int, batch_size: int) -> None:
+def check_arguments(
+    lengths: Sequence[int], depths: Sequence[float], samples: int, digits: int, batch_size: int = 8
+) -> None:
+    """Refuse arguments `passkey_accuracy` cannot take, naming them (before any model or text is loaded)."""
     if not lengths:
         raise ValueError("lengths must be a non-empty list of ints >= 1, got an empty one")
     for length in lengths:
@@ -419,7 +422,7 @@ def passkey_accuracy(
         ValueError: empty lengths, lengths not ints >= 1, depths outside [0, 1], samples, digits or batch_size < 1.
     """
     lengths, depths = list(lengths), list(depths)
-    _validate(lengths, depths, samples, digits, batch_size)
+    check_arguments(lengths, depths, samples, digits, batch_size)
     lengths, depths = [int(n) for n in lengths], [float(d) for d in depths]  # plain numbers: JSON keys and values
     for name, text in (("needle", needle), ("answer", answer)):
         if "{key}" not in text:
