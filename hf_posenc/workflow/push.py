@@ -349,10 +349,12 @@ def plot_evaluations(evaluations: list[dict], path: str | Path, title: str, trai
     if not panels:
         return False
     figure, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    from .plots import series_styles
+
     for axis, task in zip(axes[0], panels):
-        for label, points in series[task]:
+        for (label, points), style in zip(series[task], series_styles(len(series[task]))):
             lengths, values = zip(*points)
-            axis.plot(lengths, values, marker="o", label=label)
+            axis.plot(lengths, values, label=label, **style)
         if train_length:
             axis.axvline(train_length, color="grey", linewidth=0.8, linestyle=":", label="training length")
         axis.set_xscale("log", base=2)
