@@ -86,6 +86,30 @@ def test_flex_compiled_matches_fp64():
     assert_close(out, reference(query, key, value, provider, masks, 0.25), 1e-5)
 
 
+@pytest.mark.parametrize("provider", [AlibiBias(4), T5RelativeBias(4, 16, 64)], ids=["alibi", "t5_bias"])
+def test_flex_compiles_a_few_times_across_lengths(provider):
+    """Compiled flex over calls of many lengths and cache offsets (as batches of varying length and a KV cache give
+    it): a few compiles while torch finds which sizes vary (the first length; a second one, now dynamic; past one
+    128-block; queries fewer than keys), then none for any new length, not one per length (torch's recompile limit is
+    8; past it flex falls back to materialised scores). Each call stays right. Guards torch's internal compile
+    counter: if it moves, this test fails."""
+    from torch._dynamo.utils import counters
+
+    def run(shapes) -> int:
+        before = counters["stats"]["unique_graphs"]
+        for q_length, k_length in shapes:
+            masks = causal(q_length, k_length)
+            query, key, value = inputs(1, 4, 4, q_length, k_length)
+            with torch.no_grad():
+                out, _ = posenc_flex_attention(Attention(provider), query, key, value, masks, scaling=0.25)
+            assert_close(out, reference(query, key, value, provider, masks, 0.25), 1e-5)
+        return counters["stats"]["unique_graphs"] - before
+
+    torch._dynamo.reset()
+    assert 1 <= run([(64, 64), (80, 80), (150, 150), (20, 150)]) <= 4
+    assert run([(300, 300), (7, 300), (129, 129), (200, 260), (33, 33)]) == 0
+
+
 def test_flex_refuses_cpu_training():
     """torch has no flex backward on the CPU: training there is refused with what to use instead."""
     query, key, value = (t.requires_grad_() for t in inputs(1, 4, 4, 8, 8))

@@ -41,10 +41,13 @@ class RelativeBias(nn.Module):
     """A bias on the attention scores computed from the positions of queries and keys. Subclasses whose bias depends
     on the distance `key - query` only give `by_distance`; the (Q, K) block of any query and key positions, and the
     flex path's table of distances, both come from it. A bias that also depends on the query's own position (FIRE)
-    sets `distance_only = False` and gives `forward` and `score_mod_bias` instead.
+    sets `distance_only = False` and gives `forward` and `flex_bias` instead.
 
     `heads` is the number of query heads of the call (architectures may change it per layer); `causal` says whether
     the call attends one way (decoders) or both (encoders), as the mask function found.
+
+    On flex_attention the bias is gathered from the table of distances inside the score_mod, except for providers
+    that set `flex_analytic` and give `flex_bias`: a formula of the positions flex evaluates in its kernel.
     """
 
     #: calls of the posenc attention functions that used this provider (the adapters check that a forward made some)
@@ -60,6 +63,15 @@ class RelativeBias(nn.Module):
     scratch_per_pair = 0
     #: one provider for every layer (True), or one per layer (its paper learns the parameters per layer)
     shared_across_layers = True
+    #: whether flex computes the bias from the positions inside its kernel (`flex_bias`) rather than gathering it from
+    #: a table of distances: for a formula as cheap as a load (ALiBi), and for a bias that is not a function of the
+    #: distance alone (FIRE)
+    flex_analytic = False
+
+    def flex_bias(self, heads: int, device: torch.device, causal: bool):
+        """A function `(head, query position, key position) -> bias` of scalar tensors for flex's score_mod, bound to
+        a call of `heads` heads on `device` (providers that set `flex_analytic`)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no analytic flex bias")
 
     @classmethod
     def shares(cls, posenc: dict) -> bool:
@@ -117,6 +129,7 @@ class AlibiBias(RelativeBias):
 
     scheme = "alibi"
     tabulate = False  # one multiply per pair: no cheaper from a table
+    flex_analytic = True  # nor on flex: the slope times the distance, with no table to load
 
     def __init__(self, num_heads: int, max_bias: float = 8.0, slope_multiplier: float = 1.0):
         super().__init__()
@@ -132,6 +145,14 @@ class AlibiBias(RelativeBias):
     def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
         slopes = self.slopes(relative.device, heads).view(-1, *(1,) * relative.dim())
         return -slopes * relative.abs().to(torch.float32)
+
+    def flex_bias(self, heads: int, device: torch.device, causal: bool):
+        slopes = self.slopes(device, heads)
+
+        def bias(head, q_position, kv_position):
+            return -slopes[head] * (kv_position - q_position).abs().to(torch.float32)
+
+        return bias
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, max_bias={self.max_bias}, slope_multiplier={self.slope_multiplier}"
@@ -303,6 +324,7 @@ class FireBias(RelativeBias):
     scheme = "fire"
     distance_only = False
     tabulate = False
+    flex_analytic = True
     EPS = 1e-6
 
     def __init__(self, num_heads: int, hidden: int = 32, init_threshold: int = 512, shared: bool = False):
@@ -356,15 +378,20 @@ class FireBias(RelativeBias):
         bias = hidden @ self.w2.float().T + self.b2.float()  # (..., Q, K, H)
         return bias.movedim(-1, -3)
 
-    def score_mod_bias(self, head, q_position, kv_position, causal: bool):
+    def flex_bias(self, heads: int, device: torch.device, causal: bool):
         """The bias of one (head, query position, key position) inside a flex score_mod: the MLP written out over its
         hidden units (scalar code flex fuses into its kernel; no (Q, K) tensor)."""
-        x = self.normalised(q_position, kv_position, causal)
-        w1, b1, w2, b2 = self.w1.float(), self.b1.float(), self.w2.float(), self.b2.float()
-        out = b2[head]
-        for unit in range(self.hidden):
-            out = out + w2[head, unit] * torch.relu(x * w1[unit] + b1[unit])
-        return out
+        self.check_heads(heads)
+
+        def bias(head, q_position, kv_position):
+            x = self.normalised(q_position, kv_position, causal)
+            w1, b1, w2, b2 = self.w1.float(), self.b1.float(), self.w2.float(), self.b2.float()
+            out = b2[head]
+            for unit in range(self.hidden):
+                out = out + w2[head, unit] * torch.relu(x * w1[unit] + b1[unit])
+            return out
+
+        return bias
 
     def extra_repr(self) -> str:
         return (
@@ -977,10 +1004,14 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 @functools.cache
-def _compiled_flex():
+def _compiled_flex(device_type: str):
+    """flex_attention compiled once per process and device type, its lengths dynamic from the first length that
+    differs (torch.compile's automatic dynamic shapes, as transformers compiles flex): training on batches of
+    varying lengths compiles a few times, not once per length, which would soon pass torch's recompile limit (8) and
+    fall back to flex's uncompiled, materialised scores."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return torch.compile(flex_attention)
 
 
 #: compile flex_attention (its fused kernel); uncompiled, flex materialises the scores (tests use it on small inputs)
@@ -994,31 +1025,63 @@ _CAUSAL_BLOCK_MASKS: dict = {}
 CAUSAL_BLOCK_MASKS_KEPT = 8
 
 
-def _causal_block_mask(mask_mod, q_length: int, k_length: int, shift: int, window: int | None, causal: bool, device):
-    """The block mask of `mask_mod` (causal and/or windowed: a function of these scalars alone), built once per
-    (lengths, offset, window, direction, device) and reused (a mask tensor's block mask is not: it would keep the
-    tensor alive)."""
+def _flex_mask_mod(shift: torch.Tensor, window: int | None, causal: bool, allowed: torch.Tensor | None):
+    """flex's mask_mod: transformers' boolean mask `allowed` (padding, packing) where there is one, else causal
+    attention of queries `shift` cache positions after the keys' start (none for an encoder), and a per-layer
+    pattern's sliding window on top (as ScoreBiasMask.block). None where nothing is masked."""
+    if allowed is not None:
+
+        def mask_mod(b, h, q_index, kv_index):
+            return allowed[b if allowed.shape[0] > 1 else 0, 0, q_index, kv_index]
+
+    elif causal:
+
+        def mask_mod(b, h, q_index, kv_index):
+            return q_index + shift >= kv_index
+
+    else:
+        mask_mod = None
+    if window is None:
+        return mask_mod
+    inner = mask_mod
+
+    def windowed(b, h, q_index, kv_index):
+        near = (q_index + shift - kv_index).abs() < window
+        return near if inner is None else near & inner(b, h, q_index, kv_index)
+
+    return windowed
+
+
+def _causal_block_mask(q_length: int, k_length: int, shift: int, window: int | None, causal: bool, device):
+    """The block mask of a call without a mask tensor (causal and/or windowed: a function of these scalars alone),
+    built once per (lengths, offset, window, direction, device) and reused (a mask tensor's block mask is not: it
+    would keep the tensor alive); None where nothing is masked."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    if not causal and window is None:
+        return None
     if torch.compiler.is_compiling():  # no state across calls inside a traced graph
+        mask_mod = _flex_mask_mod(torch.tensor(shift, device=device), window, causal, None)
         return create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
     key = (q_length, k_length, shift, window, causal, str(device))
     block_mask = _CAUSAL_BLOCK_MASKS.pop(key, None)
     if block_mask is None:
-        while len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
-            _CAUSAL_BLOCK_MASKS.pop(next(iter(_CAUSAL_BLOCK_MASKS), None), None)  # the least recently used
         # outside inference mode: a mask built for a pipeline call must serve a later training step, whose backward
         # saves the block mask's tensors (inference tensors cannot be saved)
         with torch.inference_mode(False):
+            mask_mod = _flex_mask_mod(torch.tensor(shift, device=device), window, causal, None)
             block_mask = create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
+        while len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
+            _CAUSAL_BLOCK_MASKS.pop(next(iter(_CAUSAL_BLOCK_MASKS), None), None)  # the least recently used
     _CAUSAL_BLOCK_MASKS[key] = block_mask  # the most recent last
     return block_mask
 
 
 def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flex_attention with the bias as a score_mod: `score + table[h, j - i + Q - 1]`, the provider's fp32 bias of
-    every relative distance the call can see ((H, Q + K - 1), not (Q, K)). Masks are block masks: causal from the
-    positions, or transformers' boolean mask (padding, windows) when there is one.
+    every relative distance the call can see ((H, Q + K - 1), not (Q, K)), or the provider's formula of the
+    positions (`flex_bias`: ALiBi, FIRE). Masks are block masks: causal from the positions (built once per lengths
+    and offset), or transformers' boolean mask (padding, windows) when there is one.
 
     Soft-capping goes into the score_mod; attention sinks do not (use posenc_sdpa, which `posenc_auto` picks for them).
     torch 2.13's flex_attention has no backward on the CPU: training on the CPU runs posenc_sdpa.
@@ -1038,66 +1101,47 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
         raise ValueError("attn_implementation 'posenc_flex' has no attention dropout; use 'posenc_sdpa'")
     batch, heads, q_length, _ = query.shape
     k_length = key.shape[2]
-    q_offset, kv_offset = int(masks.q_positions[0]), int(masks.kv_positions[0])
-    softcap, q_ids, kv_ids = extras.softcap, masks.q_ids, masks.kv_ids
-    causal = extras.causal
-    if not provider.distance_only:  # a bias of the query's own position too (FIRE): computed inside the score_mod
-        provider.check_heads(heads)
+    device, causal, softcap = query.device, extras.causal, extras.softcap
+    q_ids, kv_ids = masks.q_ids, masks.kv_ids
+    # Offsets reach the score_mod and mask_mod as 0-dim tensors, never Python ints: compiled code guards on every int
+    # a closure holds and would compile again for each new value (each length, each cache offset)
+    q_first, kv_first = masks.q_positions[0], masks.kv_positions[0]
+    if provider.flex_analytic:  # a formula of the positions, in the kernel (ALiBi, FIRE)
+        bias = provider.flex_bias(heads, device, causal)
 
         def bias_at(b, h, q_index, kv_index):
             if q_ids is None:
-                return provider.score_mod_bias(h, q_index + q_offset, kv_index + kv_offset, causal)
+                return bias(h, q_index + q_first, kv_index + kv_first)
             row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
-            return provider.score_mod_bias(h, q_ids[row, q_index], kv_ids[row, kv_index], causal)
+            return bias(h, q_ids[row, q_index], kv_ids[row, kv_index])
 
-    else:
-        if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_offset - q_offset)
-            first = kv_offset - (q_offset + q_length - 1)  # the smallest key - query distance
+    else:  # the provider's fp32 bias of every distance the call can see, gathered
+        if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_first - q_first)
+            first = int(kv_first) - (int(q_first) + q_length - 1)  # the smallest key - query distance
             last = first + q_length + k_length - 2
         else:  # each row's own positions
             first, last = int(kv_ids.min() - q_ids.max()), int(kv_ids.max() - q_ids.min())
-        table = provider.by_distance(torch.arange(first, last + 1, device=query.device), heads, causal)
+        table = provider.by_distance(torch.arange(first, last + 1, device=device), heads, causal)
+        start = kv_first - q_first - first if q_ids is None else torch.tensor(-first, device=device)
 
         def bias_at(b, h, q_index, kv_index):
             if q_ids is None:
-                return table[h, kv_index - q_index + (q_length - 1)]
-            row = b if q_ids.shape[0] > 1 else 0  # position ids of shape (1, Q) serve every row
-            return table[h, kv_ids[row, kv_index] - q_ids[row, q_index] - first]
+                return table[h, kv_index - q_index + start]
+            row = b if q_ids.shape[0] > 1 else 0
+            return table[h, kv_ids[row, kv_index] - q_ids[row, q_index] + start]
 
     def score_mod(score, b, h, q_index, kv_index):
         if softcap is not None:
             score = torch.tanh(score / softcap) * softcap
         return score + bias_at(b, h, q_index, kv_index)
 
-    shift, window = q_offset - kv_offset, masks.window
-    if masks.mask is not None:
-        allowed = masks.mask
-
-        def mask_mod(b, h, q_index, kv_index):
-            return allowed[b if allowed.shape[0] > 1 else 0, 0, q_index, kv_index]
-
-    elif masks.causal:
-
-        def mask_mod(b, h, q_index, kv_index):
-            return q_index + shift >= kv_index
-
+    if masks.mask is None:  # causal (and windowed): the same few scalars at every layer, and every step
+        shift = int(q_first - kv_first)
+        block_mask = _causal_block_mask(q_length, k_length, shift, masks.window, masks.causal, device)
     else:
-        mask_mod = None
-    if window is not None:  # a per-layer pattern's sliding window, on top (as ScoreBiasMask.block)
-        inner = mask_mod
-
-        def mask_mod(b, h, q_index, kv_index):
-            near = (q_index + shift - kv_index).abs() < window
-            return near if inner is None else near & inner(b, h, q_index, kv_index)
-
-    if mask_mod is None:
-        block_mask = None
-    elif masks.mask is None:  # causal (and windowed): the same few scalars at every layer, and every step
-        block_mask = _causal_block_mask(mask_mod, q_length, k_length, shift, window, masks.causal, query.device)
-    else:
-        rows = masks.mask.shape[0]
-        block_mask = create_block_mask(mask_mod, rows, None, q_length, k_length, device=query.device)
-    function = _compiled_flex() if FLEX_COMPILE else flex_attention
+        mask_mod = _flex_mask_mod(q_first - kv_first, masks.window, masks.causal, masks.mask)
+        block_mask = create_block_mask(mask_mod, masks.mask.shape[0], None, q_length, k_length, device=device)
+    function = _compiled_flex(device.type) if FLEX_COMPILE else flex_attention
     output = function(
         query,
         key,
