@@ -185,8 +185,9 @@ def test_packed_loss_equals_each_alone_for_every_scheme(arch, case):
 
 def test_flex_builds_a_causal_block_mask_once(monkeypatch):
     """posenc_flex builds the block mask of a causal call once per (lengths, offset, window, direction, device): not
-    once per layer, not again at the next forward of the same length; a padding mask's is built per call (its block
-    mask would keep the mask tensor alive); outputs are those of a fresh build."""
+    once per layer, not again at the next forward of the same length; a padding mask's once per forward (kept with
+    that forward's masks: a block mask kept longer would keep the mask tensor alive); outputs are those of a fresh
+    build."""
     import torch.nn.attention.flex_attention as flex
 
     built = []
@@ -211,8 +212,13 @@ def test_flex_builds_a_causal_block_mask_once(monkeypatch):
     built.clear()
     padding = torch.ones_like(x)
     padding[0, :3] = 0
+    padded = logits(model, x, attention_mask=padding)
+    assert len(built) == 1  # once for both layers
     logits(model, x, attention_mask=padding)
-    assert len(built) == 2  # per layer: nothing kept alive with the mask
+    assert len(built) == 2  # and again at the next forward: nothing kept alive with the mask
+    monkeypatch.setattr(posenc_attention, "FLEX_COMPILE", False)
+    eager = build("llama", "alibi", attn_implementation="posenc_eager")
+    torch.testing.assert_close(padded[padding.bool()], logits(eager, x, attention_mask=padding)[padding.bool()])
 
 
 def test_a_cached_block_mask_built_in_inference_mode_is_a_normal_tensor(monkeypatch):

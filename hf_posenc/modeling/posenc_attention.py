@@ -1138,9 +1138,13 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     if masks.mask is None:  # causal (and windowed): the same few scalars at every layer, and every step
         shift = int(q_first - kv_first)
         block_mask = _causal_block_mask(q_length, k_length, shift, masks.window, masks.causal, device)
-    else:
-        mask_mod = _flex_mask_mod(q_first - kv_first, masks.window, masks.causal, masks.mask)
-        block_mask = create_block_mask(mask_mod, masks.mask.shape[0], None, q_length, k_length, device=device)
+    else:  # transformers' mask (padding, packing): built once per forward, kept with the masks its layers share
+        block_mask = masks.__dict__.get("_flex_block_mask")
+        if block_mask is None:
+            mask_mod = _flex_mask_mod(q_first - kv_first, masks.window, masks.causal, masks.mask)
+            block_mask = create_block_mask(mask_mod, masks.mask.shape[0], None, q_length, k_length, device=device)
+            if not torch.compiler.is_compiling():
+                masks.__dict__["_flex_block_mask"] = block_mask
     function = _compiled_flex(device.type) if FLEX_COMPILE else flex_attention
     output = function(
         query,
