@@ -149,7 +149,11 @@ def _main(argv: list[str]) -> int:
         help="comma-separated subset of attention,rotary,models,memory (memory: training steps at --memory-length)",
     )
     bench.add_argument("--memory-length", type=int, default=8192, help="sequence length of the memory table")
-    bench.add_argument("--out", default="runs/bench.json")
+    bench.add_argument(
+        "--dtypes",
+        help="comma-separated dtypes of the attention table (default: float32,bfloat16 on CUDA, else float32)",
+    )
+    bench.add_argument("--out", default="runs/bench.json", help="the JSON file (the markdown goes beside it, .md)")
     evaluate = commands.add_parser(
         "eval",
         help="perplexity or passkey retrieval against length for a saved causal LM (posenc or stock), on held-out "
@@ -347,6 +351,10 @@ def _push(args) -> int:
 
 
 def _bench(args) -> int:
+    from pathlib import Path
+
+    import torch
+
     from .workflow.bench import markdown, run_bench, write
 
     sections = [name.strip() for name in args.sections.split(",") if name.strip()]
@@ -357,6 +365,20 @@ def _bench(args) -> int:
             file=sys.stderr,
         )
         return 2
+    if Path(args.out).suffix != ".json":
+        print(
+            f"hf-posenc bench: --out must be a .json file (the markdown is written beside it); got {args.out}",
+            file=sys.stderr,
+        )
+        return 2
+    dtypes = None
+    if args.dtypes:
+        names = [name.strip() for name in args.dtypes.split(",") if name.strip()]
+        allowed = ("float32", "bfloat16", "float16")
+        if not names or set(names) - set(allowed):
+            print(f"hf-posenc bench: --dtypes {args.dtypes!r}; allowed: {', '.join(allowed)}", file=sys.stderr)
+            return 2
+        dtypes = [getattr(torch, name) for name in names]
     results = run_bench(
         [int(n) for n in args.lengths.split(",") if n.strip()],
         args.heads,
@@ -368,6 +390,7 @@ def _bench(args) -> int:
         model_repeats=args.model_repeats,
         sections=sections,
         memory_length=args.memory_length,
+        dtypes=dtypes,
     )
     print(markdown(results))
     print(f"wrote {write(results, args.out)}")

@@ -30,6 +30,8 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from hf_posenc.workflow.bench import alibi_columns as with_columns  # the lead, as `hf-posenc bench` times it
+
 
 def alibi_slopes(heads: int) -> torch.Tensor:
     """The ALiBi paper's slopes for a power-of-2 head count: 2^(-8 i / H), i = 1..H."""
@@ -60,31 +62,6 @@ def with_bias_mask(q, k, v, slopes) -> torch.Tensor:
     bias = -slopes.float().to(q.device)[:, None, None] * distance
     bias = bias.masked_fill(distance < 0, float("-inf"))[None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-
-
-def with_columns(q, k, v, slopes, split: bool) -> torch.Tensor:
-    """The column trick in q's dtype: one column j/scale, or two exact parts hi, lo with 256 m and m on the q side."""
-    batch, heads, length, dim = q.shape
-    scale = dim**-0.5
-    positions = torch.arange(length, device=q.device, dtype=torch.float64)
-    j = positions - positions[length // 2]  # counted from the middle key: half the magnitude
-    m = slopes.to(q.device)[None, :, None]  # (1, H, 1)
-    if split:
-        hi = torch.floor(j / 256)
-        lo = j - 256 * hi
-        q_columns = [256 * m / scale, m / scale]
-        k_columns = [hi, lo]
-    else:
-        q_columns, k_columns = [m / scale], [j]
-    extra = len(q_columns)
-    width = dim + extra + (-(dim + extra) % 8)  # a multiple of 8, as the fused kernels want
-    pad = width - dim - extra
-    eq = torch.cat([q, *(c.expand(batch, heads, length)[..., None].to(q.dtype) for c in q_columns)], dim=-1)
-    ek = torch.cat([k, *(c.expand(batch, heads, length)[..., None].to(k.dtype) for c in k_columns)], dim=-1)
-    eq, ek = (F.pad(t, (0, pad)) for t in (eq, ek))  # autograd reaches q and k through the concatenation
-    ev = F.pad(v, (0, width - dim))
-    out = F.scaled_dot_product_attention(eq, ek, ev, is_causal=True, scale=scale)
-    return out[..., :dim]
 
 
 def main() -> None:

@@ -333,9 +333,14 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     )
     out = tmp_path / "bench.json"
     command = ["bench", "--lengths", "64,128", "--heads", "2", "--head-dim", "8", "--repeats", "1"]
-    command += ["--model-repeats", "1"]
+    command += ["--model-repeats", "1", "--dtypes", "float32,bfloat16"]
     assert main([*command, "--model-length", "32", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
+    assert out.with_suffix(".md").read_text().startswith(f"# hf-posenc bench on {results['environment']['device']}")
+    bf16 = {row["path"] for row in results["attention"] if row["dtype"] == "bfloat16"}
+    assert "alibi: bf16 split columns (lead)" in bf16 and "alibi: column trick" not in bf16  # the fp32 trick's
+    flex = {row["path"] for row in results["attention"] if "flex" in row["path"]}
+    assert flex == {"alibi: flex (compiled)", "alibi: flex, table score_mod", "t5_bias: flex (compiled)"}
     rows = [row for row in results["attention"] if "flex" not in row["path"] and "decode" not in row["path"]]
     assert {row["path"] for row in rows} >= {bench.REFERENCE, "alibi: column trick", "alibi: chunked (padding mask)"}
     assert all(row["forward_x_sdpa"] == 1.0 for row in rows if row["path"] == bench.REFERENCE)
@@ -357,6 +362,37 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "| 128 | float32 | alibi: column trick |" in printed and "### Whole models" in printed
     assert main(["bench", "--sections", "attention,speed"]) == 2
+    assert (
+        main(["bench", "--dtypes", "float64"]) == 2 and "allowed: float32, bfloat16, float16" in capsys.readouterr().err
+    )
+    assert main(["bench", "--out", str(tmp_path / "bench.md")]) == 2 and "must be a .json" in capsys.readouterr().err
+
+
+def test_bench_models_gpu_step(monkeypatch):
+    """The models table's GPU step (bf16 autocast, AdamW) on the CPU: every bias scheme of the GPU table trains, the
+    optimizer moves the weights, and the ratios are to NoPE and stock of the same run."""
+    from hf_posenc.workflow import bench
+
+    monkeypatch.setitem(
+        bench.MODEL_SHAPES,
+        "llama",
+        dict(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=64),
+    )
+    rows = bench.run_models(32, archs=("llama",), schemes=bench.MODEL_SCHEMES["cuda"], repeats=1, gpu_step=True)
+    assert {row["model"] for row in rows} == {"stock llama (rope)"} | {
+        f"posenc {s}" for s in bench.MODEL_SCHEMES["cuda"]
+    }
+    assert all(row["step"] == "bf16 autocast, AdamW" and row["train_tokens_per_s"] > 0 for row in rows)
+    assert next(row for row in rows if row["model"] == "posenc nope")["speed_x_nope"] == 1.0
+    from transformers import AutoModelForCausalLM  # the step itself: AdamW moves the weights under autocast
+
+    config = bench.AutoConfig.for_model("llama", **bench.MODEL_SHAPES["llama"])
+    model = AutoModelForCausalLM.from_config(config, posenc="alibi")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    bench._train_step(model, torch.randint(0, 64, (1, 16)), optimizer, torch.bfloat16)
+    assert all(p.grad is None for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 def test_threads_leave_busy_cores_alone(monkeypatch):

@@ -12,7 +12,9 @@ Three tables, each path timed on the same inputs (warm-up, then the median of re
 - memory: one training step of a whole model per scheme at a long length, with and without a padding token: peak
   memory growth and seconds, each as a ratio to the same model with NoPE (a bias scheme must train in O(L) memory).
 
-On a GPU the attention table adds the flex and flash paths (when flash-attn is installed) and bf16 inputs.
+On a GPU the attention table adds bf16 inputs, compiled flex for ALiBi (the analytic score_mod `posenc_flex` runs,
+and the table of distances it replaced) and T5, flash-attn's alibi_slopes (when installed) and the bf16 split-column
+lead (`alibi_columns`); the models table trains in bf16 autocast with AdamW steps and adds every bias scheme.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -64,9 +67,42 @@ def _masks(q_length: int, k_length: int, padded: bool, device) -> ScoreBiasMask:
     return ScoreBiasMask(mask, True, q_positions, kv_positions)
 
 
+class _TabulatedAlibi(AlibiBias):
+    """ALiBi gathered from a table of distances on flex, as every distance-only bias is: what the analytic score_mod
+    replaced, kept here to measure the two against each other."""
+
+    flex_analytic = False
+
+
+def alibi_columns(q, k, v, slopes: torch.Tensor, split: bool = True) -> torch.Tensor:
+    """Causal ALiBi as plain `is_causal` SDPA with extra head-dim columns, in q's dtype (the lead of issue 14 for bf16:
+    no mask, so SDPA may run its flash/cuDNN kernels). Up to a per-row constant the bias is m_h * j; `split` writes j
+    (counted from the middle key) as 256 * hi + lo, integers bf16 holds exactly while |hi| <= 256, with 256 m_h / scale
+    and m_h / scale on the q side; otherwise one column j with m_h / scale. Head widths are padded to a multiple of 8
+    and SDPA's scale is passed explicitly. `scripts/alibi_bf16_columns.py` measures its error against float64."""
+    batch, heads, length, dim = q.shape
+    scale = dim**-0.5
+    positions = torch.arange(length, device=q.device, dtype=torch.float64)
+    j = positions - positions[length // 2]  # counted from the middle key: half the magnitude
+    m = slopes.to(q.device, torch.float64)[None, :, None]  # (1, H, 1)
+    if split:
+        hi = torch.floor(j / 256)
+        q_columns, k_columns = [256 * m / scale, m / scale], [hi, j - 256 * hi]
+    else:
+        q_columns, k_columns = [m / scale], [j]
+    extra = len(q_columns)
+    width = dim + extra + (-(dim + extra) % 8)  # a multiple of 8, as the fused kernels want
+    eq = torch.cat([q, *(c.expand(batch, heads, length)[..., None].to(q.dtype) for c in q_columns)], dim=-1)
+    ek = torch.cat([k, *(c.expand(batch, heads, length)[..., None].to(k.dtype) for c in k_columns)], dim=-1)
+    eq, ek = (F.pad(t, (0, width - dim - extra)) for t in (eq, ek))  # autograd reaches q and k through the cat
+    out = F.scaled_dot_product_attention(eq, ek, F.pad(v, (0, width - dim)), is_causal=True, scale=scale)
+    return out[..., :dim]
+
+
 def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dict:
     """name -> (f(query, key, value), trains): causal attention over the same inputs by every path measured here."""
     alibi, t5 = _Attention(AlibiBias(heads)), _Attention(T5RelativeBias(heads).to(device))
+    tabulated = _Attention(_TabulatedAlibi(heads))
 
     def sdpa(q, k, v):
         return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)
@@ -81,9 +117,15 @@ def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dic
     paths["t5_bias: chunked"] = (call(posenc_sdpa_attention, t5, False), True)
     paths[STOCK_ALIBI] = (call(posenc_eager_attention, alibi, False), True)
     if device.type == "cuda" or dtype == torch.float32:  # compiled flex: CPU inference, GPU training
-        paths["alibi: flex (compiled)"] = (call(posenc_flex_attention, alibi, False), device.type == "cuda")
+        trains = device.type == "cuda"
+        paths["alibi: flex (compiled)"] = (call(posenc_flex_attention, alibi, False), trains)
+        paths["alibi: flex, table score_mod"] = (call(posenc_flex_attention, tabulated, False), trains)
+        paths["t5_bias: flex (compiled)"] = (call(posenc_flex_attention, t5, False), trains)
     if device.type == "cuda" and dtype != torch.float32 and flash_attn_available():
         paths["alibi: flash-attn alibi_slopes"] = (call(posenc_flash_attention, alibi, False), True)
+    if dtype != torch.float32:
+        slopes = alibi.posenc_bias.slopes(device, heads)
+        paths["alibi: bf16 split columns (lead)"] = (functools.partial(alibi_columns, slopes=slopes), True)
     return paths
 
 
@@ -120,6 +162,7 @@ def _ratios(rows: list[dict], reference: dict, keys, name: str) -> None:
 
 
 def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_max=4096, dense_max=4096, dtypes=None):
+    """The attention table, in `dtypes` (default: fp32 and bf16 on a GPU, fp32 on the CPU)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = dtypes or ([torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32])
     rows = []
@@ -161,7 +204,7 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
                 "decode step: "
                 + name.replace("column trick", "no padding").replace("chunked (padding mask)", "padding mask"): f
                 for name, (f, _) in paths.items()
-                if "flex" not in name
+                if "flex" not in name and "lead" not in name  # (the lead's columns are causal from the first key)
             }
             with torch.no_grad():
                 decode_seconds = time_calls(
@@ -190,8 +233,13 @@ def _scaled_copies(query, key):
     return query * 1, key * 1
 
 
-def _train_step(model, tokens) -> None:
-    model(tokens, labels=tokens).loss.backward()
+def _train_step(model, tokens, optimizer=None, autocast: torch.dtype | None = None) -> None:
+    """Forward and backward (in `autocast` where given), then the optimizer's step where there is one."""
+    with torch.autocast(tokens.device.type, dtype=autocast, enabled=autocast is not None):
+        loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
     model.zero_grad(set_to_none=True)
 
 
@@ -257,14 +305,24 @@ MODEL_SHAPES = {
     ),
 }
 NATIVE = {"gpt2": "learned", "llama": "rope"}
+#: the schemes of the models table: on a GPU every bias scheme, on the CPU the two of the plugin's goals
+MODEL_SCHEMES = {
+    "cuda": ("nope", "alibi", "t5_bias", "kerple", "sandwich", "fire", "rope"),
+    "cpu": ("nope", "alibi", "t5_bias", "rope"),
+}
 
 
-def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "t5_bias", "rope"), repeats=3, batch=1):
-    """One optimizer-free training step (forward, backward, zero grads) per model, the models of an architecture taking
-    turns: tokens/s and ratios to NoPE and to the stock model. `length` must fit the stock model's learned table."""
+def run_models(length=1024, archs=("gpt2", "llama"), schemes=None, repeats=3, batch=1, gpu_step=None):
+    """One training step per model, the models of an architecture taking turns: tokens/s and ratios to NoPE and to the
+    stock model. `length` must fit the stock model's learned table. With `gpu_step` (the default on a GPU) a step is
+    what training runs there: bf16 autocast, forward, backward and an AdamW step; otherwise fp32 forward and backward
+    (no optimizer: the CPU's goals were set on the attention cost)."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    schemes = schemes or MODEL_SCHEMES[device.type]
+    on_gpu = device.type == "cuda" if gpu_step is None else gpu_step
+    autocast = torch.bfloat16 if on_gpu else None
     rows = []
     for arch in archs:
         config = AutoConfig.for_model(arch, **MODEL_SHAPES[arch])
@@ -277,7 +335,12 @@ def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "
             kwargs = {} if scheme is None else {"posenc": scheme}
             # a copy each: from_config records the attention implementation it chose on the config it is given
             models[name] = AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs).to(device).train()
-        steps = {name: functools.partial(_train_step, model, tokens) for name, model in models.items()}
+        steps = {
+            name: functools.partial(
+                _train_step, model, tokens, torch.optim.AdamW(model.parameters(), lr=1e-5) if on_gpu else None, autocast
+            )
+            for name, model in models.items()
+        }
         seconds = time_calls(steps, repeats, warmup=1)
         block = [
             dict(
@@ -285,6 +348,7 @@ def run_models(length=1024, archs=("gpt2", "llama"), schemes=("nope", "alibi", "
                 model=f"stock {arch} ({NATIVE[arch]})" if scheme is None else f"posenc {scheme}",
                 length=length,
                 attn_implementation=models[name].config._attn_implementation,
+                step="bf16 autocast, AdamW" if on_gpu else "fp32, no optimizer",
                 train_step_s=seconds[name],
                 train_tokens_per_s=batch * length / seconds[name],
             )
@@ -366,11 +430,12 @@ def run_bench(
     model_repeats=9,
     sections=("attention", "rotary", "models"),
     memory_length=8192,
+    dtypes=None,
 ) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {"shape": dict(batch=batch, heads=heads, head_dim=head_dim), "environment": environment(device)}
     if "attention" in sections:
-        results["attention"] = run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max)
+        results["attention"] = run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max, dtypes)
     if "rotary" in sections:
         results["rotary"] = run_rotary(sorted({1, *(n for n in lengths if n <= 8192)}), heads, head_dim, batch)
     if "models" in sections:
@@ -427,7 +492,7 @@ def markdown(results: dict) -> str:
         out.append("")
     if "models" in results:
         out += [
-            "### Whole models: one training step (forward + backward)",
+            f"### Whole models: one training step ({results['models'][0].get('step', 'fp32, no optimizer')})",
             "",
             "| arch | model | L | attention | step s | tokens/s | x NoPE | x stock |",
             "|---|---|---|---|---|---|---|---|",
@@ -455,7 +520,11 @@ def markdown(results: dict) -> str:
 
 
 def write(results: dict, out: str | Path) -> Path:
+    """The results as JSON at `out` and as markdown beside it (`.md`), headed by the machine and versions."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+    versions = ", ".join(f"{name} {value}" for name, value in results["environment"].items() if name != "device")
+    header = f"# hf-posenc bench on {results['environment']['device']}\n\n{versions}\n\n"
+    path.with_suffix(".md").write_text(header + markdown(results))
     return path
