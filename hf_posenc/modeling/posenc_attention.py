@@ -1235,8 +1235,8 @@ def choose_path(
     - CUDA: flash-attn where it applies and is installed, else compiled flex_attention for prefill and training
       (no dropout, no sinks, head widths of 16 or more), else SDPA (decode steps: one query row needs no fused
       kernel);
-    - CPU: SDPA (the ALiBi column trick or chunked blocks): flex has no CPU backward, and for inference it measured
-      slower than the column trick and needs a compiler.
+    - CPU: SDPA (the ALiBi column trick or chunked blocks): flex has no CPU backward, and for inference it needs a
+      C++ compiler and seconds of compiling (it is faster there for long T5, KERPLE and Sandwich inference: README).
     """
     value_dim = query.shape[-1] if value_dim is None else value_dim
     if provider is _NO_BIAS and masks.window is None and not extras:
