@@ -365,7 +365,7 @@ def _bench(args) -> int:
             file=sys.stderr,
         )
         return 2
-    if Path(args.out).suffix != ".json":
+    if Path(args.out).suffix.lower() != ".json":
         print(
             f"hf-posenc bench: --out must be a .json file (the markdown is written beside it); got {args.out}",
             file=sys.stderr,

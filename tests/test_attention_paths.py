@@ -87,12 +87,21 @@ def test_flex_compiled_matches_fp64():
 
 
 @pytest.mark.parametrize("provider", [AlibiBias(4), T5RelativeBias(4, 16, 64)], ids=["alibi", "t5_bias"])
-def test_flex_compiles_a_few_times_across_lengths(provider):
+def test_flex_compiles_a_few_times_across_lengths(provider, monkeypatch):
     """Compiled flex over calls of many lengths and cache offsets (as batches of varying length and a KV cache give
-    it): a few compiles while torch finds which sizes vary (the first length; a second one, now dynamic; past one
-    128-block; queries fewer than keys), then none for any new length, not one per length (torch's recompile limit is
-    8; past it flex falls back to materialised scores). Each call stays right. Guards torch's internal compile
-    counter: if it moves, this test fails."""
+    it): a few compiles of flex and of its block mask while torch finds which sizes vary (the first length; a second
+    one, now dynamic; past one 128-block; queries fewer than keys), then none for any new length, not one per length.
+    Each call stays right.
+    Every variant of every scheme counts against one recompile limit per compiled function, past which flex falls
+    back to materialised scores: posenc_flex raises it for its calls (here torch's is 1 and reaching it raises).
+    Guards torch's internal compile counter and config: if they move, this test fails."""
+    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})  # every block mask built here
+    # torch's limit at 1, and reaching it raises (torch's config module undoes only its own patch)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        _compile_across_lengths(provider, monkeypatch)
+
+
+def _compile_across_lengths(provider, monkeypatch) -> None:
     from torch._dynamo.utils import counters
 
     def run(shapes) -> int:
@@ -106,8 +115,30 @@ def test_flex_compiles_a_few_times_across_lengths(provider):
         return counters["stats"]["unique_graphs"] - before
 
     torch._dynamo.reset()
-    assert 1 <= run([(64, 64), (80, 80), (150, 150), (20, 150)]) <= 4
+    assert 1 <= run([(64, 64), (80, 80), (150, 150), (20, 150)]) <= 8  # flex's and the block mask's, 4 each
     assert run([(300, 300), (7, 300), (129, 129), (200, 260), (33, 33)]) == 0
+    monkeypatch.setattr(posenc_attention, "FLEX_RECOMPILE_LIMIT", 1)  # the limit torch would apply: a new variant
+    with pytest.raises(Exception, match="recompile_limit"):  # (bidirectional) finds it reached
+        masks = causal(40, 40, causal=False)
+        with torch.no_grad():
+            posenc_flex_attention(Attention(provider), *inputs(1, 4, 4, 40, 40), masks, scaling=0.25)
+    torch._dynamo.reset()
+
+
+def test_flex_compiles_a_padded_call_after_an_unpadded_one():
+    """A padded batch after an unpadded one of the same size on compiled flex (the block mask's batch goes from 1 to
+    2): torch 2.13's CPU kernel fails to build if that batch becomes dynamic, so posenc_flex keeps it static there.
+    The padded call gives the eager model's logits."""
+    model = build("llama", "alibi", attn_implementation="posenc_flex")
+    eager = build("llama", "alibi", attn_implementation="posenc_eager")
+    x = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(0))
+    padding = torch.ones_like(x)
+    padding[1, :5] = 0
+    with torch.no_grad():
+        model(x, use_cache=False)
+        padded = model(x, attention_mask=padding, use_cache=False).logits
+        expected = eager(x, attention_mask=padding, use_cache=False).logits
+    torch.testing.assert_close(padded[padding.bool()], expected[padding.bool()], rtol=1e-4, atol=1e-5)
 
 
 def test_flex_refuses_cpu_training():

@@ -188,16 +188,14 @@ def test_flex_builds_a_causal_block_mask_once(monkeypatch):
     once per layer, not again at the next forward of the same length; a padding mask's once per forward (kept with
     that forward's masks: a block mask kept longer would keep the mask tensor alive); outputs are those of a fresh
     build."""
-    import torch.nn.attention.flex_attention as flex
-
     built = []
-    create = flex.create_block_mask
+    create = posenc_attention._block_mask
 
     def counting(*args, **kwargs):
-        built.append(args[3:5])
+        built.append(args[2:4])
         return create(*args, **kwargs)
 
-    monkeypatch.setattr(flex, "create_block_mask", counting)
+    monkeypatch.setattr(posenc_attention, "_block_mask", counting)
     monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})
     model = build("llama", "alibi", attn_implementation="posenc_flex")  # 2 layers
     x = tokens()
@@ -223,10 +221,12 @@ def test_flex_builds_a_causal_block_mask_once(monkeypatch):
 
 def test_a_cached_block_mask_built_in_inference_mode_is_a_normal_tensor(monkeypatch):
     """A block mask first built under inference_mode (a pipeline call) is reused by a later training step, whose
-    backward saves it: it is built outside inference mode."""
+    backward saves it: it is built outside inference mode, and so are ALiBi's cached slopes."""
     monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})
     model = build("llama", "alibi", attn_implementation="posenc_flex")
     with torch.inference_mode():
         model(tokens())
     (cached,) = posenc_attention._CAUSAL_BLOCK_MASKS.values()
     assert not any(t.is_inference() for t in cached.as_tuple() if isinstance(t, torch.Tensor))
+    slopes = model.model.layers[0].self_attn.posenc_bias._slopes  # cached by ALiBi, captured by flex's score_mod
+    assert slopes and not any(t.is_inference() for t in slopes.values())

@@ -9,7 +9,8 @@ under its own name with both AttentionInterface and AttentionMaskInterface:
 - `posenc_auto` (the default): picks one of the paths below for each call, by device, dtype and what is installed;
 - `posenc_sdpa`: plain SDPA. Causal ALiBi in fp32 without padding runs as plain `is_causal` SDPA with one extra
   head-dim column (no mask at all); everything else runs query-chunked, with an fp32 bias block per chunk;
-- `posenc_flex`: `flex_attention` with the bias as a score_mod over a table of relative distances (compiled);
+- `posenc_flex`: `flex_attention` with the bias as a score_mod: a formula of the positions (ALiBi, FIRE) or a table
+  of relative distances (compiled);
 - `posenc_flash`: flash-attn's `alibi_slopes` (ALiBi, CUDA, fp16/bf16, no padding);
 - `posenc_eager`: the textbook reference, which returns the attention weights.
 
@@ -18,6 +19,7 @@ None of them ever allocates a (B, H, Q, K) bias. Shape legend: B batch, H heads,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -139,7 +141,10 @@ class AlibiBias(RelativeBias):
     def slopes(self, device: torch.device, heads: int | None = None) -> torch.Tensor:
         key = (device, heads or self.num_heads)
         if key not in self._slopes:
-            self._slopes[key] = (alibi_slopes(key[1], self.max_bias) * self.slope_multiplier).to(device)
+            # a normal tensor even when first asked for under inference_mode (a pipeline call): a later training step
+            # may save it for its backward (flex saves the tensors its score_mod captures)
+            with torch.inference_mode(False):
+                self._slopes[key] = (alibi_slopes(key[1], self.max_bias) * self.slope_multiplier).to(device)
         return self._slopes[key]
 
     def by_distance(self, relative: torch.Tensor, heads: int | None = None, causal: bool = True) -> torch.Tensor:
@@ -1004,11 +1009,11 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
 
 
 @functools.cache
-def _compiled_flex(device_type: str):
-    """flex_attention compiled once per process and device type, its lengths dynamic from the first length that
-    differs (torch.compile's automatic dynamic shapes, as transformers compiles flex): training on batches of
-    varying lengths compiles a few times, not once per length, which would soon pass torch's recompile limit (8) and
-    fall back to flex's uncompiled, materialised scores."""
+def _compiled_flex():
+    """flex_attention compiled once per process, its lengths dynamic from the first length that differs
+    (torch.compile's automatic dynamic shapes, as transformers compiles flex): training on batches of varying lengths
+    compiles a few times per variant, not once per length, which would soon pass the recompile limit and fall back to
+    flex's uncompiled, materialised scores."""
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention)
@@ -1016,6 +1021,36 @@ def _compiled_flex(device_type: str):
 
 #: compile flex_attention (its fused kernel); uncompiled, flex materialises the scores (tests use it on small inputs)
 FLEX_COMPILE = True
+
+#: the compiled entries flex_attention and create_block_mask may each keep while posenc_flex calls them: one per
+#: variant (score_mod and mask_mod kind, dtype, grad mode, each static at first, then with dynamic lengths), all
+#: counted against one limit per compiled function, whose default (8) a few schemes and dtypes in one process reach;
+#: past it torch falls back to uncompiled flex, which materialises the scores
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def _flex_compiling():
+    """The context posenc_flex compiles in: torch's recompile limit raised to FLEX_RECOMPILE_LIMIT (never lowered)."""
+    limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    return torch._dynamo.config.patch(recompile_limit=limit)
+
+
+@functools.cache
+def _compiled_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+def _block_mask(mask_mod, batch: int | None, q_length: int, k_length: int, device):
+    """flex's block mask of `mask_mod`, compiled (as transformers builds it): uncompiled, `create_block_mask` writes
+    out (L, L) index tensors (160 MiB at 4096 tokens, 8 GiB at 32k); compiled, none."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if torch.compiler.is_compiling() or not FLEX_COMPILE:
+        return create_block_mask(mask_mod, batch, None, q_length, k_length, device=device)
+    with _flex_compiling():
+        return _compiled_block_mask()(mask_mod, batch, None, q_length, k_length, device=device)
 
 
 #: block masks without a mask tensor by (query length, key length, offset, window, direction, device): the same at
@@ -1056,13 +1091,11 @@ def _causal_block_mask(q_length: int, k_length: int, shift: int, window: int | N
     """The block mask of a call without a mask tensor (causal and/or windowed: a function of these scalars alone),
     built once per (lengths, offset, window, direction, device) and reused (a mask tensor's block mask is not: it
     would keep the tensor alive); None where nothing is masked."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     if not causal and window is None:
         return None
     if torch.compiler.is_compiling():  # no state across calls inside a traced graph
         mask_mod = _flex_mask_mod(torch.tensor(shift, device=device), window, causal, None)
-        return create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
+        return _block_mask(mask_mod, None, q_length, k_length, device)
     key = (q_length, k_length, shift, window, causal, str(device))
     block_mask = _CAUSAL_BLOCK_MASKS.pop(key, None)
     if block_mask is None:
@@ -1070,11 +1103,24 @@ def _causal_block_mask(q_length: int, k_length: int, shift: int, window: int | N
         # saves the block mask's tensors (inference tensors cannot be saved)
         with torch.inference_mode(False):
             mask_mod = _flex_mask_mod(torch.tensor(shift, device=device), window, causal, None)
-            block_mask = create_block_mask(mask_mod, None, None, q_length, k_length, device=device)
+            block_mask = _block_mask(mask_mod, None, q_length, k_length, device)
         while len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
             _CAUSAL_BLOCK_MASKS.pop(next(iter(_CAUSAL_BLOCK_MASKS), None), None)  # the least recently used
     _CAUSAL_BLOCK_MASKS[key] = block_mask  # the most recent last
     return block_mask
+
+
+def _static_batch(*tensors) -> None:
+    """Keep the batch dimension of these tensors (and of a block mask's) static for the compiler: torch 2.13's CPU
+    flex kernel fails to build when the batch becomes dynamic (a padded call after an unpadded one changes the block
+    mask's batch from 1 to B); the lengths still become dynamic."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    for tensor in tensors:
+        if isinstance(tensor, BlockMask):
+            _static_batch(*(t for t in tensor.as_tuple() if isinstance(t, torch.Tensor)))
+        elif isinstance(tensor, torch.Tensor) and tensor.dim():
+            torch._dynamo.mark_static(tensor, 0)
 
 
 def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -1086,7 +1132,7 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     Soft-capping goes into the score_mod; attention sinks do not (use posenc_sdpa, which `posenc_auto` picks for them).
     torch 2.13's flex_attention has no backward on the CPU: training on the CPU runs posenc_sdpa.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     provider, extras, masks = _call(module, attention_mask, kwargs)
     query = tempered(module, query, masks)
@@ -1105,7 +1151,7 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     q_ids, kv_ids = masks.q_ids, masks.kv_ids
     # Offsets reach the score_mod and mask_mod as 0-dim tensors, never Python ints: compiled code guards on every int
     # a closure holds and would compile again for each new value (each length, each cache offset)
-    q_first, kv_first = masks.q_positions[0], masks.kv_positions[0]
+    q_first, kv_first = masks.q_positions[0].to(device), masks.kv_positions[0].to(device)
     if provider.flex_analytic:  # a formula of the positions, in the kernel (ALiBi, FIRE)
         bias = provider.flex_bias(heads, device, causal)
 
@@ -1142,19 +1188,26 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
         block_mask = masks.__dict__.get("_flex_block_mask")
         if block_mask is None:
             mask_mod = _flex_mask_mod(q_first - kv_first, masks.window, masks.causal, masks.mask)
-            block_mask = create_block_mask(mask_mod, masks.mask.shape[0], None, q_length, k_length, device=device)
+            block_mask = _block_mask(mask_mod, masks.mask.shape[0], q_length, k_length, device)
             if not torch.compiler.is_compiling():
                 masks.__dict__["_flex_block_mask"] = block_mask
-    function = _compiled_flex(device.type) if FLEX_COMPILE else flex_attention
-    output = function(
-        query,
-        key,
-        value,
-        score_mod=score_mod,
-        block_mask=block_mask,
-        scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
-        enable_gqa=key.shape[1] != heads,
-    )
+    function, context = flex_attention, contextlib.nullcontext()
+    if FLEX_COMPILE:
+        function = _compiled_flex()
+        if not torch.compiler.is_compiling():
+            context = _flex_compiling()
+            if device.type == "cpu":
+                _static_batch(query, key, value, block_mask, masks.mask)
+    with context:
+        output = function(
+            query,
+            key,
+            value,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
+            enable_gqa=key.shape[1] != heads,
+        )
     return output.transpose(1, 2).contiguous(), None
 
 

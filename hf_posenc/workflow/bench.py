@@ -125,7 +125,7 @@ def attention_paths(heads: int, device: torch.device, dtype: torch.dtype) -> dic
         paths["alibi: flash-attn alibi_slopes"] = (call(posenc_flash_attention, alibi, False), True)
     if dtype != torch.float32:
         slopes = alibi.posenc_bias.slopes(device, heads)
-        paths["alibi: bf16 split columns (lead)"] = (functools.partial(alibi_columns, slopes=slopes), True)
+        paths["alibi: split columns (lead)"] = (functools.partial(alibi_columns, slopes=slopes), True)
     return paths
 
 
@@ -154,6 +154,25 @@ def _forward_backward(function, q, k, v) -> None:
     function(q, k, v).float().sum().backward()
 
 
+def _out_of_memory(paths: dict, q, k, v, backward: bool) -> list[str]:
+    """The paths whose forward (or forward+backward, where timed) runs out of GPU memory on these inputs, tried once
+    each: a long row that does not fit is reported as such, and the others are still timed. (A CPU that runs out of
+    memory ends the process instead: nothing to try there.)"""
+    if q.device.type != "cuda":
+        return []
+    failed = []
+    for name, (function, trains) in paths.items():
+        try:
+            with torch.no_grad():
+                function(q, k, v)
+            if backward and trains:
+                _forward_backward(function, *(t.detach().requires_grad_() for t in (q, k, v)))
+        except torch.OutOfMemoryError:
+            failed.append(name)
+        torch.cuda.empty_cache()
+    return failed
+
+
 def _ratios(rows: list[dict], reference: dict, keys, name: str) -> None:
     for row in rows:
         for key in keys:
@@ -178,6 +197,9 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
                 if name != STOCK_ALIBI or length <= dense_max
             }
             dtype_name = str(dtype).removeprefix("torch.")
+            failed = _out_of_memory(paths, q, k, v, length <= backward_max)
+            rows.extend(dict(path=name, length=length, dtype=dtype_name, error="out of memory") for name in failed)
+            paths = {name: path for name, path in paths.items() if name not in failed}
             block = [{"path": name, "length": length, "dtype": dtype_name} for name in paths]
             warmup = 1 if length > 4096 else 2
             with torch.no_grad():
@@ -197,7 +219,8 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
                 }
                 for name, seconds in time_calls(steps, repeats, warmup).items():
                     next(row for row in block if row["path"] == name)["forward_backward_s"] = seconds
-            _ratios(block, block[0], ("forward_s", "forward_backward_s", "forward_peak_mib"), "sdpa")
+            if block and block[0]["path"] == REFERENCE:  # (unless the reference itself ran out of memory)
+                _ratios(block, block[0], ("forward_s", "forward_backward_s", "forward_peak_mib"), "sdpa")
             # one query against a cache of `length` keys: a generation step. posenc_sdpa runs it chunked (one bias
             # row) with or without padding
             decode_paths = {
@@ -220,7 +243,8 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
                 }
                 for name, seconds in decode_seconds.items()
             ]
-            _ratios(decode, decode[0], ("forward_s",), "sdpa")
+            if decode and decode[0]["path"] == "decode step: " + REFERENCE:
+                _ratios(decode, decode[0], ("forward_s",), "sdpa")
             block.extend(decode)
             stock = next((row for row in block if row["path"] == STOCK_ALIBI), None)
             if stock is not None:
@@ -463,7 +487,7 @@ def markdown(results: dict) -> str:
             cells = [
                 str(row["length"]),
                 row["dtype"],
-                row["path"],
+                row["path"] + (f" ({row['error']})" if "error" in row else ""),
                 _number(row, "forward_s", 4),
                 _number(row, "forward_x_sdpa"),
                 _number(row, "forward_x_stock"),
@@ -492,7 +516,7 @@ def markdown(results: dict) -> str:
         out.append("")
     if "models" in results:
         out += [
-            f"### Whole models: one training step ({results['models'][0].get('step', 'fp32, no optimizer')})",
+            f"### Whole models: one training step ({(results['models'] or [{}])[0].get('step', 'fp32, no optimizer')})",
             "",
             "| arch | model | L | attention | step s | tokens/s | x NoPE | x stock |",
             "|---|---|---|---|---|---|---|---|",
