@@ -379,22 +379,30 @@ def _bench(args) -> int:
             print(f"hf-posenc bench: --dtypes {args.dtypes!r}; allowed: {', '.join(allowed)}", file=sys.stderr)
             return 2
         dtypes = [getattr(torch, name) for name in names]
-    results = run_bench(
-        [int(n) for n in args.lengths.split(",") if n.strip()],
-        args.heads,
-        args.head_dim,
-        repeats=args.repeats,
-        backward_max=args.backward_max,
-        dense_max=args.dense_max,
-        model_length=args.model_length,
-        model_repeats=args.model_repeats,
-        sections=sections,
-        memory_length=args.memory_length,
-        dtypes=dtypes,
-    )
+    results, status = {}, 0
+    try:
+        run_bench(
+            [int(n) for n in args.lengths.split(",") if n.strip()],
+            args.heads,
+            args.head_dim,
+            repeats=args.repeats,
+            backward_max=args.backward_max,
+            dense_max=args.dense_max,
+            model_length=args.model_length,
+            model_repeats=args.model_repeats,
+            sections=sections,
+            memory_length=args.memory_length,
+            dtypes=dtypes,
+            results=results,
+        )
+    except KeyboardInterrupt:  # keep what was measured (a device run stopped at its time limit)
+        if "environment" not in results:
+            raise
+        results["interrupted"], status = True, 130
+        print("hf-posenc bench: interrupted; writing what was measured", file=sys.stderr)
     print(markdown(results))
     print(f"wrote {write(results, args.out)}")
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's GPU checks for a lent GPU machine (bare, no package index; 10 minutes a command, 15 a session), in parts
-# of about 5 minutes, one device call each, most important first:
+# of about 5 minutes, one device call each (timeout_s 420), most important first: a session of 15 minutes, a minute
+# or two of it starting the machine, runs `tests` and `bench`; `fp32` is for the next one.
 #
 #     bash scripts/gpu_run.sh tests [OUT]   # tests/test_gpu.py: every CUDA path against the fp32 eager reference
 #     bash scripts/gpu_run.sh bench [OUT]   # hf-posenc bench: the bf16 attention table at 1k-32k (forward and
@@ -8,8 +9,8 @@
 #                                           # AdamW, every bias scheme) and training memory at 16k
 #     bash scripts/gpu_run.sh fp32 [OUT]    # the fp32 attention table and the rotary step
 #
-# OUT: where logs and results go (default: $OUT, else gpu_out). Each bench part is written as soon as it ends, so a
-# part cut short loses only itself; parts are stopped with SIGINT, so pytest still writes its JUnit report. Exits
+# OUT: where logs and results go (default: $OUT, else gpu_out). Parts are stopped with SIGINT at their limit: pytest
+# still writes its JUnit report, and the bench writes the lengths and sections it finished (marked interrupted). Exits
 # with the worst part's status. Wheels in .whl/ (transformers 5.2x; any package the machine lacks) are installed
 # first, as the device README says: carry .whl. Copy OUT's bench_gpu_*.{json,md} to examples/results/ afterwards.
 set -uo pipefail
@@ -40,12 +41,13 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log,
     timeout -s INT -k 20 "$seconds" "$@" 2>&1 | tee "$out/$name.log"
     status=${PIPESTATUS[0]}
     echo "== $name: exit $status"
-    ((status > worst)) && worst=$status
+    if ((status > worst)); then worst=$status; fi
 }
 bench=(python3 -m hf_posenc.cli bench --heads 16 --head-dim 64 --repeats 5 --dense-max 4096)
 case $what in
 tests)
-    part gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --junitxml "$out/gpu_tests.xml"
+    part gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --durations 15 \
+        --junitxml "$out/gpu_tests.xml"
     ;;
 bench)
     part bench_attention_bf16 180 "${bench[@]}" --sections attention --dtypes bfloat16 \

@@ -91,18 +91,11 @@ def test_flex_compiles_a_few_times_across_lengths(provider, monkeypatch):
     """Compiled flex over calls of many lengths and cache offsets (as batches of varying length and a KV cache give
     it): a few compiles of flex and of its block mask while torch finds which sizes vary (the first length; a second
     one, now dynamic; past one 128-block; queries fewer than keys), then none for any new length, not one per length.
-    Each call stays right.
-    Every variant of every scheme counts against one recompile limit per compiled function, past which flex falls
-    back to materialised scores: posenc_flex raises it for its calls (here torch's is 1 and reaching it raises).
-    Guards torch's internal compile counter and config: if they move, this test fails."""
-    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})  # every block mask built here
-    # torch's limit at 1, and reaching it raises (torch's config module undoes only its own patch)
-    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
-        _compile_across_lengths(provider, monkeypatch)
-
-
-def _compile_across_lengths(provider, monkeypatch) -> None:
+    Each call stays right. torch's global recompile limit is 1 here, and reaching it raises: posenc_flex's compiled
+    functions keep a limit of their own. Guards torch's internal compile counter: if it moves, this test fails."""
     from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})  # every block mask built here
 
     def run(shapes) -> int:
         before = counters["stats"]["unique_graphs"]
@@ -115,30 +108,71 @@ def _compile_across_lengths(provider, monkeypatch) -> None:
         return counters["stats"]["unique_graphs"] - before
 
     torch._dynamo.reset()
-    assert 1 <= run([(64, 64), (80, 80), (150, 150), (20, 150)]) <= 8  # flex's and the block mask's, 4 each
-    assert run([(300, 300), (7, 300), (129, 129), (200, 260), (33, 33)]) == 0
-    monkeypatch.setattr(posenc_attention, "FLEX_RECOMPILE_LIMIT", 1)  # the limit torch would apply: a new variant
-    with pytest.raises(Exception, match="recompile_limit"):  # (bidirectional) finds it reached
-        masks = causal(40, 40, causal=False)
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        assert 1 <= run([(64, 64), (80, 80), (150, 150), (20, 150)]) <= 8  # flex's and the block mask's, 4 each
+        assert run([(300, 300), (7, 300), (129, 129), (200, 260), (33, 33)]) == 0
+
+
+@pytest.mark.parametrize("own_limit", [True, False], ids=["torch.compile's own limit", "global limit patched"])
+def test_flex_keeps_its_recompile_limit(own_limit, monkeypatch):
+    """posenc_flex's compiled functions may keep FLEX_RECOMPILE_LIMIT entries whatever torch's global limit (here 1):
+    through torch.compile's own limit where it takes one, else by raising the global limit around each call (torch
+    before 2.13). At a limit of 1 the second variant raises (the check is live). Guards torch's config: if it moves,
+    this test fails."""
+    if own_limit and not posenc_attention._OWN_RECOMPILE_LIMIT:
+        pytest.skip("this torch.compile takes no recompile limit of its own")
+    monkeypatch.setattr(posenc_attention, "_OWN_RECOMPILE_LIMIT", own_limit)
+    monkeypatch.setattr(posenc_attention, "_CAUSAL_BLOCK_MASKS", {})
+    provider = AlibiBias(4)
+
+    def call(length, bidirectional=False):
+        masks = causal(length, length, causal=not bidirectional)
         with torch.no_grad():
-            posenc_flex_attention(Attention(provider), *inputs(1, 4, 4, 40, 40), masks, scaling=0.25)
-    torch._dynamo.reset()
+            posenc_flex_attention(Attention(provider), *inputs(1, 4, 4, length, length), masks, scaling=0.25)
+
+    try:
+        for limit, raises in ((posenc_attention.FLEX_RECOMPILE_LIMIT, False), (1, True)):
+            monkeypatch.setattr(posenc_attention, "FLEX_RECOMPILE_LIMIT", limit)
+            posenc_attention._compiled_flex.cache_clear()
+            posenc_attention._compiled_block_mask.cache_clear()
+            torch._dynamo.reset()
+            with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+                call(40, bidirectional=True)  # a first variant (no block mask)
+                if raises:
+                    with pytest.raises(Exception, match="recompile_limit"):
+                        call(56, bidirectional=True)  # a second: the limit of 1 is reached
+                else:
+                    call(56, bidirectional=True)
+                    call(40)  # a causal one, with its block mask
+    finally:
+        posenc_attention._compiled_flex.cache_clear()
+        posenc_attention._compiled_block_mask.cache_clear()
+        torch._dynamo.reset()
 
 
 def test_flex_compiles_a_padded_call_after_an_unpadded_one():
-    """A padded batch after an unpadded one of the same size on compiled flex (the block mask's batch goes from 1 to
-    2): torch 2.13's CPU kernel fails to build if that batch becomes dynamic, so posenc_flex keeps it static there.
-    The padded call gives the eager model's logits."""
+    """Batches that change size on compiled flex: a padded batch after an unpadded one (the block mask's batch goes
+    from 1 to 2), then left-padded batches of 3 and 4 with generate's position ids (captured by ALiBi's score_mod).
+    torch 2.13's CPU kernel fails to build if a batch becomes dynamic, so posenc_flex keeps it static there, through
+    aliases: the caller's tensors are left unmarked. Every call gives the eager model's logits."""
     model = build("llama", "alibi", attn_implementation="posenc_flex")
     eager = build("llama", "alibi", attn_implementation="posenc_eager")
     x = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(0))
-    padding = torch.ones_like(x)
-    padding[1, :5] = 0
     with torch.no_grad():
         model(x, use_cache=False)
-        padded = model(x, attention_mask=padding, use_cache=False).logits
-        expected = eager(x, attention_mask=padding, use_cache=False).logits
-    torch.testing.assert_close(padded[padding.bool()], expected[padding.bool()], rtol=1e-4, atol=1e-5)
+    for rows, pads in ((2, [0, 5]), (3, [0, 3, 7]), (4, [2, 0, 1, 9])):
+        x = torch.randint(3, 90, (rows, 40), generator=torch.Generator().manual_seed(rows))
+        padding = torch.ones_like(x)
+        for row, pad in enumerate(pads):
+            padding[row, :pad] = 0
+        kwargs = dict(attention_mask=padding, use_cache=False)
+        if rows > 2:
+            kwargs["position_ids"] = pad_aware_positions(padding)
+        with torch.no_grad():
+            got = model(x, **kwargs).logits
+            expected = eager(x, **kwargs).logits
+        torch.testing.assert_close(got[padding.bool()], expected[padding.bool()], rtol=1e-4, atol=1e-5)
+        assert not any(hasattr(t, "_dynamo_static_indices") for t in kwargs.values() if isinstance(t, torch.Tensor))
 
 
 def test_flex_refuses_cpu_training():

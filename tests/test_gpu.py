@@ -78,6 +78,18 @@ def compiled_throughout():
         yield
 
 
+_TESTS_SEEN: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def compiles_per_test(request):
+    """Each test function starts from no compiled entries (its parameters share them): what one test compiles does
+    not count against the next one's recompile limit."""
+    if _TESTS_SEEN[-1:] != [request.function.__name__]:
+        torch._dynamo.reset()
+        _TESTS_SEEN.append(request.function.__name__)
+
+
 @pytest.fixture
 def paths(monkeypatch) -> list[str]:
     """The path posenc_auto chose for each call."""

@@ -368,6 +368,23 @@ def test_bench_cli(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--out", str(tmp_path / "bench.md")]) == 2 and "must be a .json" in capsys.readouterr().err
 
 
+def test_bench_interrupted_writes_what_it_measured(tmp_path, monkeypatch):
+    """A bench stopped by SIGINT (a device run at its time limit) writes the lengths and sections it finished, marked
+    as interrupted, and exits 130."""
+    from hf_posenc.workflow import bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_rotary", interrupted)
+    out = tmp_path / "bench.json"
+    command = ["bench", "--sections", "attention,rotary", "--lengths", "32", "--heads", "2", "--head-dim", "8"]
+    assert main([*command, "--repeats", "1", "--out", str(out)]) == 130
+    results = json.loads(out.read_text())
+    assert results["interrupted"] and {row["length"] for row in results["attention"]} == {32}
+    assert "rotary" not in results and "(interrupted" in out.with_suffix(".md").read_text().splitlines()[0]
+
+
 def test_bench_reports_a_path_out_of_gpu_memory(monkeypatch):
     """On a GPU a path that runs out of memory at a length is reported as such and left out of the timing; the other
     paths are still timed (probed with a stand-in for a CUDA tensor: CI has no GPU)."""
@@ -378,11 +395,17 @@ def test_bench_reports_a_path_out_of_gpu_memory(monkeypatch):
     def too_big(q, k, v):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
+    def backward_too_big(q, k, v):
+        if torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return q
+
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    q = SimpleNamespace(device=torch.device("cuda"))
-    paths = {"fits": (lambda q, k, v: q, True), "too big": (too_big, True)}
-    assert bench._out_of_memory(paths, q, q, q, backward=False) == ["too big"]
-    assert bench._out_of_memory(paths, torch.zeros(1), None, None, backward=False) == []  # the CPU: not tried
+    q = SimpleNamespace(device=torch.device("cuda"), detach=lambda: torch.zeros(1))
+    paths = {"fits": (lambda q, k, v: q, True), "too big": (too_big, True), "bwd": (backward_too_big, True)}
+    assert bench._out_of_memory(paths, q, q, q, backward=False) == {"too big": "forward"}
+    assert bench._out_of_memory(paths, q, q, q, backward=True) == {"too big": "forward", "bwd": "forward+backward"}
+    assert bench._out_of_memory(paths, torch.zeros(1), None, None, backward=False) == {}  # the CPU: not tried
 
 
 def test_bench_models_gpu_step(monkeypatch):

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -1008,38 +1009,53 @@ def posenc_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     return _chunked_bias_attention(query, key, value, provider, masks, scaling, dropout, extras)
 
 
-@functools.cache
-def _compiled_flex():
-    """flex_attention compiled once per process, its lengths dynamic from the first length that differs
-    (torch.compile's automatic dynamic shapes, as transformers compiles flex): training on batches of varying lengths
-    compiles a few times per variant, not once per length, which would soon pass the recompile limit and fall back to
-    flex's uncompiled, materialised scores."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention)
-
-
 #: compile flex_attention (its fused kernel); uncompiled, flex materialises the scores (tests use it on small inputs)
 FLEX_COMPILE = True
 
 #: the compiled entries flex_attention and create_block_mask may each keep while posenc_flex calls them: one per
-#: variant (score_mod and mask_mod kind, dtype, grad mode, each static at first, then with dynamic lengths), all
-#: counted against one limit per compiled function, whose default (8) a few schemes and dtypes in one process reach;
-#: past it torch falls back to uncompiled flex, which materialises the scores
-FLEX_RECOMPILE_LIMIT = 64
+#: variant (score_mod and mask_mod kind, dtype, grad mode, batch size on the CPU, each static at first, then with
+#: dynamic lengths), against torch's default of 8 per compiled function, which a few schemes and dtypes in one
+#: process reach (the GPU tests, about 60); past it torch falls back to uncompiled flex, which materialises the scores
+FLEX_RECOMPILE_LIMIT = 128
+
+#: torch.compile takes a recompile limit of each compiled function's own (torch 2.13; earlier releases have the global
+#: limit only, raised around each call by `_flex_compiling`)
+_OWN_RECOMPILE_LIMIT = {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
+
+
+def _compile(function):
+    """`function` compiled for posenc_flex: lengths dynamic from the first length that differs (torch.compile's
+    automatic dynamic shapes, as transformers compiles flex), so that batches of varying lengths compile a few times
+    per variant, not once per length; with FLEX_RECOMPILE_LIMIT entries of its own where torch.compile takes a limit
+    (other compiles of flex, transformers' own, then do not count against it)."""
+    if _OWN_RECOMPILE_LIMIT:
+        return torch.compile(function, recompile_limit=FLEX_RECOMPILE_LIMIT, isolate_recompiles=True)
+    return torch.compile(function)
 
 
 def _flex_compiling():
-    """The context posenc_flex compiles in: torch's recompile limit raised to FLEX_RECOMPILE_LIMIT (never lowered)."""
-    limit = max(FLEX_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    return torch._dynamo.config.patch(recompile_limit=limit)
+    """The context a compiled posenc_flex call runs in: nothing where its compiled functions have a limit of their
+    own, else torch's global recompile limit raised to FLEX_RECOMPILE_LIMIT (never lowered; `cache_size_limit` before
+    torch renamed it)."""
+    if _OWN_RECOMPILE_LIMIT:
+        return contextlib.nullcontext()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(FLEX_RECOMPILE_LIMIT, getattr(config, name))})
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return _compile(flex_attention)
 
 
 @functools.cache
 def _compiled_block_mask():
     from torch.nn.attention.flex_attention import create_block_mask
 
-    return torch.compile(create_block_mask)
+    return _compile(create_block_mask)
 
 
 def _block_mask(mask_mod, batch: int | None, q_length: int, k_length: int, device):
@@ -1110,17 +1126,23 @@ def _causal_block_mask(q_length: int, k_length: int, shift: int, window: int | N
     return block_mask
 
 
-def _static_batch(*tensors) -> None:
-    """Keep the batch dimension of these tensors (and of a block mask's) static for the compiler: torch 2.13's CPU
-    flex kernel fails to build when the batch becomes dynamic (a padded call after an unpadded one changes the block
-    mask's batch from 1 to B); the lengths still become dynamic."""
+def _static_batch(tensor):
+    """`tensor` (or a block mask's tensors) with its batch dimension kept static by the compiler: torch 2.13's CPU flex
+    kernel fails to build when a batch becomes dynamic (a padded call after an unpadded one, batches of 2 then 3 with
+    position ids); the lengths still become dynamic. A tensor is marked through an alias of its own (a mark on the
+    caller's tensor, position ids or a KV cache, would change the guards of the caller's own compiled code)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    for tensor in tensors:
-        if isinstance(tensor, BlockMask):
-            _static_batch(*(t for t in tensor.as_tuple() if isinstance(t, torch.Tensor)))
-        elif isinstance(tensor, torch.Tensor) and tensor.dim():
-            torch._dynamo.mark_static(tensor, 0)
+    if isinstance(tensor, BlockMask):  # the plugin's own (built and cached here): marked in place
+        for part in tensor.as_tuple():
+            if isinstance(part, torch.Tensor) and part.dim():
+                torch._dynamo.mark_static(part, 0)
+        return tensor
+    if tensor is None or not tensor.dim():
+        return tensor
+    alias = tensor.view(tensor.shape)
+    torch._dynamo.mark_static(alias, 0)
+    return alias
 
 
 def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -1148,7 +1170,10 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     batch, heads, q_length, _ = query.shape
     k_length = key.shape[2]
     device, causal, softcap = query.device, extras.causal, extras.softcap
-    q_ids, kv_ids = masks.q_ids, masks.kv_ids
+    compiled = FLEX_COMPILE and not torch.compiler.is_compiling()  # (inside a compiled model: flex as it is)
+    static = _static_batch if compiled and device.type == "cpu" else (lambda tensor: tensor)
+    query, key, value = static(query), static(key), static(value)
+    q_ids, kv_ids = static(masks.q_ids), static(masks.kv_ids)
     # Offsets reach the score_mod and mask_mod as 0-dim tensors, never Python ints: compiled code guards on every int
     # a closure holds and would compile again for each new value (each length, each cache offset)
     q_first, kv_first = masks.q_positions[0].to(device), masks.kv_positions[0].to(device)
@@ -1187,17 +1212,13 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     else:  # transformers' mask (padding, packing): built once per forward, kept with the masks its layers share
         block_mask = masks.__dict__.get("_flex_block_mask")
         if block_mask is None:
-            mask_mod = _flex_mask_mod(q_first - kv_first, masks.window, masks.causal, masks.mask)
+            mask_mod = _flex_mask_mod(q_first - kv_first, masks.window, masks.causal, static(masks.mask))
             block_mask = _block_mask(mask_mod, masks.mask.shape[0], q_length, k_length, device)
             if not torch.compiler.is_compiling():
                 masks.__dict__["_flex_block_mask"] = block_mask
     function, context = flex_attention, contextlib.nullcontext()
-    if FLEX_COMPILE:
-        function = _compiled_flex()
-        if not torch.compiler.is_compiling():
-            context = _flex_compiling()
-            if device.type == "cpu":
-                _static_batch(query, key, value, block_mask, masks.mask)
+    if compiled:
+        function, context, block_mask = _compiled_flex(), _flex_compiling(), static(block_mask)
     with context:
         output = function(
             query,

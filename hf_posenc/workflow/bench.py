@@ -154,21 +154,24 @@ def _forward_backward(function, q, k, v) -> None:
     function(q, k, v).float().sum().backward()
 
 
-def _out_of_memory(paths: dict, q, k, v, backward: bool) -> list[str]:
-    """The paths whose forward (or forward+backward, where timed) runs out of GPU memory on these inputs, tried once
-    each: a long row that does not fit is reported as such, and the others are still timed. (A CPU that runs out of
-    memory ends the process instead: nothing to try there.)"""
+def _out_of_memory(paths: dict, q, k, v, backward: bool) -> dict[str, str]:
+    """name -> "forward" or "forward+backward": the paths that run out of GPU memory on these inputs (forward+backward
+    only where it is timed), tried once each, so that a long row that does not fit is reported as such and the
+    others are still timed. (A CPU that runs out of memory ends the process instead: nothing to try there.)"""
     if q.device.type != "cuda":
-        return []
-    failed = []
+        return {}
+    failed = {}
     for name, (function, trains) in paths.items():
         try:
             with torch.no_grad():
                 function(q, k, v)
-            if backward and trains:
-                _forward_backward(function, *(t.detach().requires_grad_() for t in (q, k, v)))
         except torch.OutOfMemoryError:
-            failed.append(name)
+            failed[name] = "forward"
+        if name not in failed and backward and trains:
+            try:
+                _forward_backward(function, *(t.detach().requires_grad_() for t in (q, k, v)))
+            except torch.OutOfMemoryError:
+                failed[name] = "forward+backward"
         torch.cuda.empty_cache()
     return failed
 
@@ -180,11 +183,14 @@ def _ratios(rows: list[dict], reference: dict, keys, name: str) -> None:
                 row[f"{key.removesuffix('_s')}_x_{name}"] = row[key] / reference[key]
 
 
-def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_max=4096, dense_max=4096, dtypes=None):
-    """The attention table, in `dtypes` (default: fp32 and bf16 on a GPU, fp32 on the CPU)."""
+def run_attention(
+    lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_max=4096, dense_max=4096, dtypes=None, rows=None
+):
+    """The attention table, in `dtypes` (default: fp32 and bf16 on a GPU, fp32 on the CPU), appended to `rows` as each
+    length is measured (an interrupted run keeps what it measured)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = dtypes or ([torch.float32, torch.bfloat16] if device.type == "cuda" else [torch.float32])
-    rows = []
+    rows = [] if rows is None else rows
     for dtype in dtypes:
         for length in lengths:
             generator = torch.Generator().manual_seed(0)
@@ -198,9 +204,16 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
             }
             dtype_name = str(dtype).removeprefix("torch.")
             failed = _out_of_memory(paths, q, k, v, length <= backward_max)
-            rows.extend(dict(path=name, length=length, dtype=dtype_name, error="out of memory") for name in failed)
-            paths = {name: path for name, path in paths.items() if name not in failed}
+            paths = {
+                name: (function, trains and name not in failed)
+                for name, (function, trains) in paths.items()
+                if failed.get(name) != "forward"
+            }
             block = [{"path": name, "length": length, "dtype": dtype_name} for name in paths]
+            for row in block:
+                if row["path"] in failed:
+                    row["error"] = "forward+backward out of memory"
+            errors = [dict(path=n, length=length, dtype=dtype_name, error="out of memory") for n in failed]
             warmup = 1 if length > 4096 else 2
             with torch.no_grad():
                 forward = time_calls(
@@ -249,7 +262,7 @@ def run_attention(lengths, heads=12, head_dim=64, batch=1, repeats=3, backward_m
             stock = next((row for row in block if row["path"] == STOCK_ALIBI), None)
             if stock is not None:
                 _ratios([row for row in block if row["path"].startswith("alibi")], stock, ("forward_s",), "stock")
-            rows.extend(block)
+            rows.extend(block + [row for row in errors if failed[row["path"]] == "forward"])
     return rows
 
 
@@ -455,11 +468,16 @@ def run_bench(
     sections=("attention", "rotary", "models"),
     memory_length=8192,
     dtypes=None,
+    results: dict | None = None,
 ) -> dict:
+    """The sections asked for, filled into `results` (a new dict by default) as each is measured: a caller that is
+    interrupted keeps what was measured."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = {"shape": dict(batch=batch, heads=heads, head_dim=head_dim), "environment": environment(device)}
+    results = {} if results is None else results
+    results.update(shape=dict(batch=batch, heads=heads, head_dim=head_dim), environment=environment(device))
     if "attention" in sections:
-        results["attention"] = run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max, dtypes)
+        results["attention"] = []  # filled as each length is measured
+        run_attention(lengths, heads, head_dim, batch, repeats, backward_max, dense_max, dtypes, results["attention"])
     if "rotary" in sections:
         results["rotary"] = run_rotary(sorted({1, *(n for n in lengths if n <= 8192)}), heads, head_dim, batch)
     if "models" in sections:
@@ -549,6 +567,7 @@ def write(results: dict, out: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
     versions = ", ".join(f"{name} {value}" for name, value in results["environment"].items() if name != "device")
-    header = f"# hf-posenc bench on {results['environment']['device']}\n\n{versions}\n\n"
+    partial = " (interrupted: the sections and lengths it reached)" if results.get("interrupted") else ""
+    header = f"# hf-posenc bench on {results['environment']['device']}{partial}\n\n{versions}\n\n"
     path.with_suffix(".md").write_text(header + markdown(results))
     return path
