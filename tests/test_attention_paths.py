@@ -117,8 +117,8 @@ def test_flex_compiles_a_few_times_across_lengths(provider, monkeypatch):
 def test_flex_keeps_its_recompile_limit(own_limit, monkeypatch):
     """posenc_flex's compiled functions may keep FLEX_RECOMPILE_LIMIT entries whatever torch's global limit (here 1):
     through torch.compile's own limit where it takes one, else by raising the global limit around each call (torch
-    before 2.13). At a limit of 1 the second variant raises (the check is live). Guards torch's config: if it moves,
-    this test fails."""
+    releases without it). At a limit of 1 the second variant raises (the check is live). Guards torch's config: if
+    it moves, this test fails."""
     if own_limit and not posenc_attention._OWN_RECOMPILE_LIMIT:
         pytest.skip("this torch.compile takes no recompile limit of its own")
     monkeypatch.setattr(posenc_attention, "_OWN_RECOMPILE_LIMIT", own_limit)

@@ -1018,8 +1018,8 @@ FLEX_COMPILE = True
 #: process reach (the GPU tests, about 60); past it torch falls back to uncompiled flex, which materialises the scores
 FLEX_RECOMPILE_LIMIT = 128
 
-#: torch.compile takes a recompile limit of each compiled function's own (torch 2.13; earlier releases have the global
-#: limit only, raised around each call by `_flex_compiling`)
+#: torch.compile takes a recompile limit of each compiled function's own (torch 2.13 does; releases without it have
+#: the global limit only, raised around each call by `_flex_compiling`)
 _OWN_RECOMPILE_LIMIT = {"recompile_limit", "isolate_recompiles"} <= set(inspect.signature(torch.compile).parameters)
 
 
