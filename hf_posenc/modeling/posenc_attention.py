@@ -1109,17 +1109,20 @@ def _causal_block_mask(q_length: int, k_length: int, shift: int, window: int | N
     would keep the tensor alive); None where nothing is masked."""
     if not causal and window is None:
         return None
-    if torch.compiler.is_compiling():  # no state across calls inside a traced graph
+
+    def build():
         mask_mod = _flex_mask_mod(torch.tensor(shift, device=device), window, causal, None)
         return _block_mask(mask_mod, None, q_length, k_length, device)
+
+    if torch.compiler.is_compiling():  # no state across calls inside a traced graph
+        return build()
     key = (q_length, k_length, shift, window, causal, str(device))
     block_mask = _CAUSAL_BLOCK_MASKS.pop(key, None)
     if block_mask is None:
         # outside inference mode: a mask built for a pipeline call must serve a later training step, whose backward
         # saves the block mask's tensors (inference tensors cannot be saved)
         with torch.inference_mode(False):
-            mask_mod = _flex_mask_mod(torch.tensor(shift, device=device), window, causal, None)
-            block_mask = _block_mask(mask_mod, None, q_length, k_length, device)
+            block_mask = build()
         while len(_CAUSAL_BLOCK_MASKS) >= CAUSAL_BLOCK_MASKS_KEPT:
             _CAUSAL_BLOCK_MASKS.pop(next(iter(_CAUSAL_BLOCK_MASKS), None), None)  # the least recently used
     _CAUSAL_BLOCK_MASKS[key] = block_mask  # the most recent last
@@ -1175,8 +1178,10 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     query, key, value = static(query), static(key), static(value)
     q_ids, kv_ids = static(masks.q_ids), static(masks.kv_ids)
     # Offsets reach the score_mod and mask_mod as 0-dim tensors, never Python ints: compiled code guards on every int
-    # a closure holds and would compile again for each new value (each length, each cache offset)
+    # a closure holds and would compile again for each new value (each length, each cache offset). Their difference,
+    # read once (one host sync), sizes the table and keys the cached block masks.
     q_first, kv_first = masks.q_positions[0].to(device), masks.kv_positions[0].to(device)
+    shift = int(q_first - kv_first)
     if provider.flex_analytic:  # a formula of the positions, in the kernel (ALiBi, FIRE)
         bias = provider.flex_bias(heads, device, causal)
 
@@ -1188,7 +1193,7 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
 
     else:  # the provider's fp32 bias of every distance the call can see, gathered
         if q_ids is None:  # positions are the coordinates: distances are kv_index - q_index + (kv_first - q_first)
-            first = int(kv_first) - (int(q_first) + q_length - 1)  # the smallest key - query distance
+            first = -shift - (q_length - 1)  # the smallest key - query distance
             last = first + q_length + k_length - 2
         else:  # each row's own positions
             first, last = int(kv_ids.min() - q_ids.max()), int(kv_ids.max() - q_ids.min())
@@ -1207,7 +1212,6 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
         return score + bias_at(b, h, q_index, kv_index)
 
     if masks.mask is None:  # causal (and windowed): the same few scalars at every layer, and every step
-        shift = int(q_first - kv_first)
         block_mask = _causal_block_mask(q_length, k_length, shift, masks.window, masks.causal, device)
     else:  # transformers' mask (padding, packing): built once per forward, kept with the masks its layers share
         block_mask = masks.__dict__.get("_flex_block_mask")
