@@ -19,21 +19,31 @@ def _script():
     return module
 
 
-def test_split_columns_keep_alibi_exact_in_bf16():
-    """Mean error of the bf16 output against float64 ALiBi on the same inputs: the split columns stay at the dense
-    mask's (within 10%, both near bf16's own rounding), the single column is over 10x worse."""
+def column_errors(length: int = 1024, device="cpu") -> dict[str, float]:
+    """Mean absolute error against float64 ALiBi attention of the same bf16 q, k, v (8 heads, width 64) of: float64
+    rounded to bf16 ("rounding"), the dense bf16 mask, the split columns and the single column, each through
+    `device`'s SDPA (tests/test_gpu.py runs it on CUDA)."""
     columns = _script()
     slopes = columns.alibi_slopes(8)
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, 8, 1024, 64, generator=generator).to(torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, 8, length, 64, generator=generator).to(torch.bfloat16) for _ in range(3))
     expected = columns.reference(q, k, v, slopes)
+    q, k, v = (t.to(device) for t in (q, k, v))
 
     def error(output):
-        return (output.double() - expected).abs().mean().item()
+        return (output.cpu().double() - expected).abs().mean().item()
 
-    rounding = error(expected.to(torch.bfloat16))
-    mask = error(columns.with_bias_mask(q, k, v, slopes))
-    split = error(columns.with_columns(q, k, v, slopes, split=True))
-    single = error(columns.with_columns(q, k, v, slopes, split=False))
-    assert split <= 1.1 * mask and split <= 1.5 * rounding
-    assert single > 10 * split
+    return {
+        "rounding": error(expected.to(torch.bfloat16)),
+        "mask": error(columns.with_bias_mask(q, k, v, slopes)),
+        "split": error(columns.with_columns(q, k, v, slopes, split=True)),
+        "single": error(columns.with_columns(q, k, v, slopes, split=False)),
+    }
+
+
+def test_split_columns_keep_alibi_exact_in_bf16():
+    """Mean error of the bf16 output against float64 ALiBi on the same inputs: the split columns stay at the dense
+    mask's (within 10%, both near bf16's own rounding), the single column is over 10x worse."""
+    errors = column_errors()
+    assert errors["split"] <= 1.1 * errors["mask"] and errors["split"] <= 1.5 * errors["rounding"]
+    assert errors["single"] > 10 * errors["split"]

@@ -14,12 +14,12 @@ these tests' own code from rotting between the rare runs on a GPU.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import SCHEME_CASES, WIDE_KWARGS, build, pad_aware_positions
+from test_bf16_columns import column_errors
+from test_math import assert_rope_equals_gptj
 
 import hf_posenc
 from hf_posenc import archs
@@ -318,45 +318,11 @@ def test_training_keeps_no_square_tensor():
 def test_rotary_step_matches_transformers(dtype):
     """The plugin's rotary step (GPT-2, BERT) on this device, forward and backward, equals transformers' GPT-J
     rotary step on the same angles, as test_math checks it on the CPU."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_math import ROPE_TOLERANCE, _outputs_and_grads, _rope_reference_pair
-    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rotary
-
-    from hf_posenc.modeling.posenc_layers import apply_rope
-
-    query, key, turns = _rope_reference_pair(dtype, 1.0)
-    query, key = (t.detach().to(DEVICE).requires_grad_() for t in (query, key))
-    turns = turns.to(DEVICE)
-    ours = _outputs_and_grads(lambda q, k: apply_rope(q, k, turns), query, key)
-    cos, sin = turns.to(dtype).unbind(-1)
-
-    def gptj(q, k):
-        return tuple(gptj_rotary(x.transpose(1, 2), sin, cos).transpose(1, 2) for x in (q, k))
-
-    theirs = _outputs_and_grads(gptj, query, key)
-    for a, b in zip(ours, theirs):
-        assert a.device.type == torch.device(DEVICE).type and a.dtype == b.dtype
-        torch.testing.assert_close(a, b, **ROPE_TOLERANCE.get(dtype, {}))
+    assert_rope_equals_gptj(dtype, 1.0, DEVICE)
 
 
 def test_split_columns_keep_alibi_exact_in_bf16():
     """The bf16 split-column lead (scripts/alibi_bf16_columns.py) through this device's SDPA kernels: the split
     columns stay at the dense bf16 mask's error against float64, the single column does not."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_bf16_columns import _script
-
-    columns = _script()
-    slopes = columns.alibi_slopes(8)
-    generator = torch.Generator().manual_seed(0)
-    length = 4096 if CUDA else 1024
-    q, k, v = (torch.randn(1, 8, length, 64, generator=generator).to(torch.bfloat16) for _ in range(3))
-    expected = columns.reference(q, k, v, slopes)
-    q, k, v = (t.to(DEVICE) for t in (q, k, v))
-
-    def error(output):
-        return (output.cpu().double() - expected).abs().mean().item()
-
-    mask = error(columns.with_bias_mask(q, k, v, slopes))
-    split = error(columns.with_columns(q, k, v, slopes, split=True))
-    single = error(columns.with_columns(q, k, v, slopes, split=False))
-    assert split <= 1.1 * mask and single > 10 * split, (split, mask, single)
+    errors = column_errors(4096 if CUDA else 1024, DEVICE)
+    assert errors["split"] <= 1.1 * errors["mask"] and errors["single"] > 10 * errors["split"], errors

@@ -323,16 +323,16 @@ def _outputs_and_grads(rotate, query, key):
 ROPE_TOLERANCE = {torch.bfloat16: dict(atol=2e-2, rtol=1e-2), torch.float16: dict(atol=2e-3, rtol=1e-3)}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("partial", [1.0, 0.5])
-def test_apply_rope_equals_transformers_gptj(dtype, partial):
-    """The plugin's rotary step (GPT-2, BERT) turns adjacent pairs: it equals transformers' GPT-J rotary step, forward
-    and backward, on strided q/k, per-row positions and padded partial-rotary tables."""
+def assert_rope_equals_gptj(dtype, partial, device="cpu"):
+    """The plugin's rotary step on `device` against transformers' GPT-J rotary step on the same angles, forward and
+    backward (tests/test_gpu.py runs it on CUDA)."""
     from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb as gptj_rotary
 
     from hf_posenc.modeling.posenc_layers import apply_rope
 
     query, key, turns = _rope_reference_pair(dtype, partial)
+    query, key = (t.detach().to(device).requires_grad_() for t in (query, key))
+    turns = turns.to(device)
     ours = _outputs_and_grads(lambda q, k: apply_rope(q, k, turns), query, key)
     cos, sin = turns.to(dtype).unbind(-1)  # the same angles, in GPT-J's form
 
@@ -341,8 +341,16 @@ def test_apply_rope_equals_transformers_gptj(dtype, partial):
 
     theirs = _outputs_and_grads(gptj, query, key)
     for a, b in zip(ours, theirs):
-        assert a.dtype == b.dtype and a.shape == b.shape
+        assert a.dtype == b.dtype and a.shape == b.shape and a.device.type == torch.device(device).type
         torch.testing.assert_close(a, b, **ROPE_TOLERANCE.get(dtype, {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_apply_rope_equals_transformers_gptj(dtype, partial):
+    """The plugin's rotary step (GPT-2, BERT) turns adjacent pairs: it equals transformers' GPT-J rotary step, forward
+    and backward, on strided q/k, per-row positions and padded partial-rotary tables."""
+    assert_rope_equals_gptj(dtype, partial)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
