@@ -213,7 +213,11 @@ def run_attention(
             for row in block:
                 if row["path"] in failed:
                     row["error"] = "forward+backward out of memory"
-            errors = [dict(path=n, length=length, dtype=dtype_name, error="out of memory") for n in failed]
+            no_room = [
+                dict(path=name, length=length, dtype=dtype_name, error="out of memory")
+                for name, what in failed.items()
+                if what == "forward"
+            ]
             warmup = 1 if length > 4096 else 2
             with torch.no_grad():
                 forward = time_calls(
@@ -262,7 +266,7 @@ def run_attention(
             stock = next((row for row in block if row["path"] == STOCK_ALIBI), None)
             if stock is not None:
                 _ratios([row for row in block if row["path"].startswith("alibi")], stock, ("forward_s",), "stock")
-            rows.extend(block + [row for row in errors if failed[row["path"]] == "forward"])
+            rows.extend(block + no_room)
     return rows
 
 
