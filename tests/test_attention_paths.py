@@ -3,8 +3,11 @@ textbook formula of test_bias_paths, and training through them (retained graphs,
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +162,7 @@ def test_flex_compiles_a_padded_call_after_an_unpadded_one():
     eager = build("llama", "alibi", attn_implementation="posenc_eager")
     x = torch.randint(3, 90, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(x, use_cache=False)
+        torch.testing.assert_close(model(x, use_cache=False).logits, eager(x, use_cache=False).logits)
     for rows, pads in ((2, [0, 5]), (3, [0, 3, 7]), (4, [2, 0, 1, 9])):
         x = torch.randint(3, 90, (rows, 40), generator=torch.Generator().manual_seed(rows))
         padding = torch.ones_like(x)
@@ -173,6 +176,54 @@ def test_flex_compiles_a_padded_call_after_an_unpadded_one():
             expected = eager(x, **kwargs).logits
         torch.testing.assert_close(got[padding.bool()], expected[padding.bool()], rtol=1e-4, atol=1e-5)
         assert not any(hasattr(t, "_dynamo_static_indices") for t in kwargs.values() if isinstance(t, torch.Tensor))
+
+
+AVX2_FLEX = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_bias_paths import Attention, causal, reference
+from hf_posenc.modeling import posenc_attention
+from hf_posenc.modeling.posenc_attention import AlibiBias, posenc_flex_attention
+posenc_attention.CPU_FLEX_MIN_HEAD_DIM = int(sys.argv[2])
+provider, generator, worst = AlibiBias(4), torch.Generator().manual_seed(0), 0.0
+for length in (24, 40):
+    masks = causal(length, length)
+    query, key, value = (torch.randn(2, heads, length, 8, generator=generator) for heads in (4, 2, 2))
+    with torch.no_grad():
+        out, _ = posenc_flex_attention(Attention(provider), query, key, value, masks, scaling=0.3)
+    expected = reference(query, key, value, provider, masks, 0.3)
+    worst = max(worst, ((out.double() - expected).abs().max() / expected.abs().max()).item())
+print("ERROR", worst)
+"""
+
+
+@pytest.mark.parametrize("min_width", [posenc_attention.CPU_FLEX_MIN_HEAD_DIM, 0], ids=["padded", "as-is"])
+def test_flex_on_avx2_code_pads_narrow_heads(min_width, tmp_path):
+    """torch 2.13's compiled CPU flex kernel, made to emit AVX2 code (ATEN_CPU_CAPABILITY=avx2, as on a CPU without
+    AVX-512), returns wrong values for heads 8 wide at lengths 24 and 40 (NaN or O(1) off); posenc_flex pads narrow
+    heads to CPU_FLEX_MIN_HEAD_DIM and is exact there. Run in a process of its own with an empty compile cache: the
+    vector code is chosen when a kernel compiles. As-is, the error shows (the check is live; if a torch release fixes
+    its kernel, that case fails and the padding may go)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    tests = str(Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", AVX2_FLEX, tests, str(min_width)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert "ERROR" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    error = float(done.stdout.split("ERROR")[-1])
+    if min_width:
+        assert error < 1e-5
+    else:
+        assert not error < 1e-3, f"torch's AVX2 flex kernel computed heads 8 wide right (error {error:.1e})"
+
+
+def test_flex_refuses_a_cpu_without_vector_code(monkeypatch):
+    """Where torch has no vector code for the CPU (ATEN_CPU_CAPABILITY=default, or an old CPU), its compiled flex
+    kernel does not build: posenc_flex says so and names posenc_sdpa, before compiling anything."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")
+    query, key, value = inputs(1, 4, 4, 8, 8)
+    with pytest.raises(ValueError, match="vector instructions.*posenc_sdpa"), torch.no_grad():
+        posenc_flex_attention(Attention(AlibiBias(4)), query, key, value, causal(8, 8))
 
 
 def test_flex_refuses_cpu_training():

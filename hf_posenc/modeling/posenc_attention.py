@@ -1148,6 +1148,33 @@ def _static_batch(tensor):
     return alias
 
 
+#: the narrowest head torch 2.13's compiled CPU flex kernel computes right. With AVX2 code (not AVX-512) it returns
+#: wrong scores, O(1) off or NaN, for heads 8 and 16 wide at lengths of 8 mod 16 below 128 (measured: 4-128 wide,
+#: 8-520 long, GQA and a score_mod or not); narrower heads go through it zero-padded to this width, which adds only
+#: zeros to every dot product and leaves the output's own columns as they are
+CPU_FLEX_MIN_HEAD_DIM = 32
+
+
+def _cpu_flex_heads(query, key, value):
+    """q, k and v for torch's compiled CPU flex kernel: heads narrower than CPU_FLEX_MIN_HEAD_DIM zero-padded to it
+    (q and k to one width, v to its own); refused where torch has no vector code for this CPU, where its kernel does
+    not compile."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    if not pick_vec_isa():
+        raise ValueError(
+            "attn_implementation 'posenc_flex' on the CPU runs torch's compiled flex kernel, which needs vector "
+            "instructions (AVX2 or AVX-512 on x86, NEON or SVE on Arm) that torch finds none of on this machine "
+            "(or ATEN_CPU_CAPABILITY=default); use 'posenc_sdpa'"
+        )
+
+    def widened(tensor):
+        missing = CPU_FLEX_MIN_HEAD_DIM - tensor.shape[-1]
+        return torch.nn.functional.pad(tensor, (0, missing)) if missing > 0 else tensor
+
+    return widened(query), widened(key), widened(value)
+
+
 def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """flex_attention with the bias as a score_mod: `score + table[h, j - i + Q - 1]`, the provider's fp32 bias of
     every relative distance the call can see ((H, Q + K - 1), not (Q, K)), or the provider's formula of the
@@ -1174,6 +1201,10 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
     k_length = key.shape[2]
     device, causal, softcap = query.device, extras.causal, extras.softcap
     compiled = FLEX_COMPILE and not torch.compiler.is_compiling()  # (inside a compiled model: flex as it is)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling  # of the head as it is (before any padding)
+    value_width = value.shape[-1]
+    if compiled and device.type == "cpu":
+        query, key, value = _cpu_flex_heads(query, key, value)
     static = _static_batch if compiled and device.type == "cpu" else (lambda tensor: tensor)
     query, key, value = static(query), static(key), static(value)
     q_ids, kv_ids = static(masks.q_ids), static(masks.kv_ids)
@@ -1230,10 +1261,10 @@ def posenc_flex_attention(module, query, key, value, attention_mask, dropout=0.0
             value,
             score_mod=score_mod,
             block_mask=block_mask,
-            scale=query.shape[-1] ** -0.5 if scaling is None else scaling,
+            scale=scale,
             enable_gqa=key.shape[1] != heads,
         )
-    return output.transpose(1, 2).contiguous(), None
+    return output[..., :value_width].transpose(1, 2).contiguous(), None
 
 
 def flash_attn_available() -> bool:
