@@ -143,10 +143,13 @@ def test_every_scheme_changes_the_function(arch):
         elif arch not in archs.NATIVE_POSITION_SIGNALS:
             torch.testing.assert_close(shifted, base, atol=2e-5, rtol=1e-4)
             shuffled = positions[:, torch.randperm(T, generator=torch.Generator().manual_seed(2))]
+            # a padding mask: without one, position ids that do not rise by one read as packed documents (decoders
+            # without a cache; encoders from transformers 5.25), see test_packed_documents_attend_as_the_stock_model
+            unpacked = dict(position_ids=shuffled, attention_mask=torch.ones_like(x))
             if scheme == "nope":  # no rotation left in place: the position ids do not matter at all
-                torch.testing.assert_close(logits(model, x, position_ids=shuffled), base, atol=2e-5, rtol=1e-4)
+                torch.testing.assert_close(logits(model, x, **unpacked), base, atol=2e-5, rtol=1e-4)
             elif hf_posenc.SCHEMES[scheme].site == "bias":
-                moved = (logits(model, x, position_ids=shuffled) - base).abs().max()
+                moved = (logits(model, x, **unpacked) - base).abs().max()
                 assert moved > 1e-3, f"{scheme} on {arch} ignores position_ids"
     for scheme, out in results.items():
         if scheme != "nope":
@@ -160,6 +163,43 @@ def test_every_scheme_changes_the_function(arch):
         assert (logits(scaled, x, position_ids=positions) - results["rope"]).abs().max() > 1e-3, (
             f"linear RoPE on {arch}"
         )
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_packed_documents_attend_as_the_stock_model(arch):
+    """Two documents packed in one row, their position ids restarting at 0, no padding mask (and no cache): where the
+    stock model reads that as packing (decoders; encoders that hand the mask builder their position ids, from
+    transformers 5.25) it keeps the documents apart, and posenc models attend exactly as it does: the native scheme
+    gives the stock logits, and NoPE and ALiBi (the posenc kernels) keep the documents apart where the stock model
+    does, and only there."""
+    first, second = 4, T - 4
+    x = tokens(batch=1)
+    positions = torch.cat([torch.arange(first), torch.arange(second)])[None]
+    kwargs = {} if arch in ENCODERS else {"use_cache": False}
+
+    def packed_and_apart(model) -> tuple[torch.Tensor, float]:
+        packed = logits(model, x, position_ids=positions, **kwargs)
+        apart = torch.cat(
+            [
+                logits(model, x[:, part], position_ids=positions[:, part], **kwargs)
+                for part in (slice(0, first), slice(first, T))
+            ],
+            dim=1,
+        )
+        return packed, (packed - apart).abs().max().item()
+
+    stock = auto_class(arch).from_config(copy.deepcopy(tiny(arch))).eval()
+    stock.load_state_dict(stock_state(arch))
+    stock_packed, stock_gap = packed_and_apart(stock)
+    assert stock_gap < 1e-4 or stock_gap > 1e-3, f"stock {arch}: documents neither apart nor mixed ({stock_gap})"
+    torch.testing.assert_close(packed_and_apart(build(arch))[0], stock_packed, atol=2e-5, rtol=1e-4)
+    for scheme in ("nope", "alibi"):
+        if archs.takes(arch, scheme):
+            gap = packed_and_apart(build(arch, scheme))[1]
+            assert (gap < 1e-4) == (stock_gap < 1e-4), (
+                f"{scheme} on {arch}: packed documents differ from apart by {gap:.2e}, the stock model's by "
+                f"{stock_gap:.2e}"
+            )
 
 
 FIRE = {"type": "fire", "hidden": 8, "init_threshold": 6}

@@ -189,3 +189,34 @@ def test_roberta_default_positions_ignore_left_padding(case):
     padded = torch.cat([torch.full((1, 5), PAD), x], dim=1)
     got = logits(model, padded, attention_mask=(padded != PAD).long())[:, 5:]
     torch.testing.assert_close(got, logits(model, x), atol=2e-5, rtol=1e-4)
+
+
+def test_no_mask_attends_every_token_as_the_stock_model(encoder, case):
+    """Without a padding mask every token attends every token, pad tokens in the input included, as in the stock
+    model: the default positions the adapter computes (RoBERTa's keep padding_idx at pad tokens) are not read as
+    packed documents, which transformers 5.25's mask builder does with position ids that do not rise by one."""
+    model = build(encoder, SCHEME_CASES[case])
+    x = tokens()
+    x[0, -4:] = PAD
+    torch.testing.assert_close(logits(model, x), logits(model, x, attention_mask=torch.ones_like(x)), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("is_decoder", [False, True], ids=["encoder", "decoder-mode"])
+def test_packed_mask_keeps_the_direction(encoder, monkeypatch, is_decoder):
+    """Packed documents (position ids restarting, no padding mask): the posenc kernels get transformers' mask with the
+    model's direction, both ways for an encoder and causal in decoder mode. From transformers 5.25 an encoder's mask
+    over packed documents wraps the mask function and allows no skip, which must not read as causal."""
+    from hf_posenc.modeling import posenc_attention
+
+    seen = []
+    original = posenc_attention._call
+
+    def recording(module, attention_mask, kwargs, count=True):
+        seen.append(attention_mask.causal)
+        return original(module, attention_mask, kwargs, count)
+
+    monkeypatch.setattr(posenc_attention, "_call", recording)
+    model = build(encoder, "alibi", config_overrides={"is_decoder": is_decoder})
+    positions = torch.cat([torch.arange(2, 8), torch.arange(2, 8)])[None]
+    logits(model, tokens(batch=1), position_ids=positions, use_cache=False)
+    assert seen and all(causal == is_decoder for causal in seen), seen

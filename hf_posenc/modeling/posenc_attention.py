@@ -597,7 +597,6 @@ def posenc_mask(
     attention_mask: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     allow_is_causal_skip: bool = False,
-    allow_is_bidirectional_skip: bool = False,
     **kwargs,
 ) -> ScoreBiasMask:
     """Mask function for `posenc_*`: transformers' boolean mask (or None where it may be skipped) plus the cache
@@ -606,9 +605,15 @@ def posenc_mask(
     Only the mask function sees `q_offset`/`kv_offset` for every cache type, so the distances of a relative bias are
     taken here, which keeps them right with a KV cache, left padding and sliding windows. transformers skips the mask
     (None) only when causality alone restricts attention: no padding, no window in reach.
+
+    The direction: transformers' bidirectional mask builders (create_bidirectional_mask and its sliding-window form)
+    pass `allow_is_bidirectional_skip`, its causal ones never do (5.20 through 5.25). Neither the skip's value nor the
+    mask function tells: from 5.25 a bidirectional mask over packed documents passes False and wraps the mask function.
     """
     for key in ("dtype", "config"):
         kwargs.pop(key, None)
+    bidirectional = "allow_is_bidirectional_skip" in kwargs or mask_function is bidirectional_mask_function
+    allow_is_bidirectional_skip = kwargs.pop("allow_is_bidirectional_skip", False)
     mask = sdpa_mask(
         batch_size=batch_size,
         q_length=q_length,
@@ -622,11 +627,9 @@ def posenc_mask(
         device=device,
         **kwargs,
     )
-    # create_causal_mask passes allow_is_causal_skip, create_bidirectional_mask allow_is_bidirectional_skip
-    causal = not allow_is_bidirectional_skip and mask_function is not bidirectional_mask_function
     q_positions = torch.arange(q_length, device=device) + q_offset
     kv_positions = torch.arange(kv_length, device=device) + kv_offset
-    return ScoreBiasMask(mask, causal, q_positions, kv_positions)
+    return ScoreBiasMask(mask, not bidirectional, q_positions, kv_positions)
 
 
 # --------------------------------------------------------------------------------------------------------------------

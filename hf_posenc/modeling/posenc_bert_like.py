@@ -111,6 +111,13 @@ class BertLikeAdapter:
         # by it (relative schemes, grown tables).
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids, inputs_embeds, cache)
+            if attention_mask is None and cache is None:
+                # From transformers 5.25 the mask builder reads position ids that do not rise by one as packed
+                # documents (without a padding mask or a cache). The stock model hands it the caller's ids (none
+                # here), this one its defaults, where RoBERTa's padding keeps padding_idx: an all-ones padding mask,
+                # which is what no mask means, keeps the builder from reading them so.
+                shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
+                attention_mask = torch.ones(shape, dtype=torch.long, device=position_ids.device)
         if token_type_ids is None:
             shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
             token_type_ids = torch.zeros(shape, dtype=torch.long, device=position_ids.device)
