@@ -20,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
 from hf_posenc.cli import main
+from hf_posenc.modeling import posenc_version
 from hf_posenc.workflow import push
 from hf_posenc.workflow.data import byte_tokenizer
 
@@ -147,6 +148,9 @@ def test_dry_run_builds_the_repo_folder(trained, tmp_path, capsys):
         "| 256 | 0.40 | 0.20 | 0.40 | 0.60 |",
         f"]({push.PLOT})",
         "trust_remote_code=True",
+        f"tested with `transformers{posenc_version.tested_range_text()}` (hf_posenc",
+        "On a newer release it refuses to load",  # GPT-2 with RoPE: transformers' GPT-2 computes no RoPE
+        "HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1",
     ):
         assert expected in card.text
     assert "built" in capsys.readouterr().out
@@ -392,6 +396,22 @@ def test_masked_lm_card_is_fill_mask(tmp_path):
     card = ModelCard.load(out / "README.md")
     assert card.data.pipeline_tag == "fill-mask" and card.data.tags == ["hf_posenc", "positional-encoding", "alibi"]
     assert "masked language model" in card.text and "AutoModelForMaskedLM.from_pretrained" in card.text
+
+
+def test_card_says_which_transformers_releases_load_it(tmp_path):
+    """The card names the releases the shipped code was tested with, and what a newer release does with this folder:
+    loads it where transformers' own classes compute the scheme (YaRN on Llama), refuses it otherwise (ALiBi)."""
+    tested = (
+        f"tested with `transformers{posenc_version.tested_range_text()}` (hf_posenc {posenc_version.PLUGIN_VERSION})"
+    )
+    for posenc, newer in (
+        ({"type": "rope", "rope_type": "yarn", "factor": 4.0}, "On a newer release it loads, with a warning"),
+        ("alibi", "On a newer release it refuses to load"),
+    ):
+        name = posenc if isinstance(posenc, str) else "yarn"
+        build("llama", posenc).save_pretrained(tmp_path / name)
+        card = ModelCard.load(push.build_hub_folder(tmp_path / name, tmp_path / f"hub-{name}", "me/x") / "README.md")
+        assert tested in card.text and newer in card.text
 
 
 def test_hub_folder_loads_without_the_plugin(trained, tmp_path):

@@ -134,45 +134,117 @@ def test_refuses_without_flag(remote_results, name):
 
 VERSION_CHECK = textwrap.dedent(
     """
-    import sys
+    import sys, torch
     sys.modules["hf_posenc"] = None
     import transformers
     try:
-        transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
     except ImportError as error:
         print("REFUSED " + str(error))
+    else:
+        x = torch.load(sys.argv[1] + "/x.pt")
+        with torch.no_grad():
+            print("LOADED", torch.equal(model(x).logits, torch.load(sys.argv[1] + "/expected.pt")))
     """
 )
 
 
-def test_saved_code_refuses_untested_transformers(tmp_path):
-    """A saved folder records the transformers range its code was tested with (posenc_version.py) and, loaded with a
-    release outside it, fails naming both instead of running internals that may have changed. (The range in the
-    folder is edited to one the installed release is outside of.)"""
-    folder = tmp_path / "model"
-    build("llama", "alibi").save_pretrained(folder)
+def load_elsewhere(folder, tested: tuple[str, str] | None, tmp_path, allow: bool = False) -> str:
+    """What a process without hf_posenc prints loading `folder` through trust_remote_code, the folder's code edited
+    to say it was tested with the releases `tested` (None: as saved), with HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS set
+    if `allow`. (transformers.__version__ cannot be faked here: transformers sets it again while it loads.)"""
     version_file = folder / "posenc_version.py"
-    assert 'TRANSFORMERS_RANGE = ("5.20", "5.25")' in version_file.read_text()
-    version_file.write_text(version_file.read_text().replace('("5.20", "5.25")', '("4.0", "4.1")'))
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", VERSION_CHECK, str(folder)], capture_output=True, text=True, env=env, timeout=300
-    )
-    expected = f"was tested with transformers >=4.0,<4.1; found {transformers.__version__}"
-    assert expected in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+    text = version_file.read_text()
+    saved_range = 'TRANSFORMERS_RANGE = ("{}", "{}")'.format(*hf_posenc.TRANSFORMERS_RANGE)
+    assert saved_range in text
+    if tested is not None:
+        version_file.write_text(text.replace(saved_range, 'TRANSFORMERS_RANGE = ("{}", "{}")'.format(*tested)))
+    env = {k: v for k, v in os.environ.items() if k != hf_posenc.modeling.posenc_version.ALLOW_UNTESTED}
+    env |= {"HF_MODULES_CACHE": str(tmp_path / f"modules-{tested}-{allow}"), "HF_HUB_OFFLINE": "1"}
+    if allow:
+        env[hf_posenc.modeling.posenc_version.ALLOW_UNTESTED] = "1"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", VERSION_CHECK, str(folder)], capture_output=True, text=True, env=env, timeout=300
+        )
+    finally:
+        version_file.write_text(text)
+    return done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("version", ["5.19.2", "5.25.0"])
-def test_plugin_refuses_untested_transformers(version):
-    """`import hf_posenc` with a transformers release outside the tested range fails, naming the range."""
+def saved(posenc, folder) -> str:
+    """A Llama of `posenc` saved in `folder` with an input and its logits; the text of its posenc_version.py."""
+    model = build("llama", posenc)
+    model.save_pretrained(folder)
+    x = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.save(x, folder / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x).logits, folder / "expected.pt")
+    return (folder / "posenc_version.py").read_text()
+
+
+def test_saved_code_records_the_tested_range(tmp_path):
+    """A saved folder's code states the transformers releases it was tested with and the plugin that made it."""
+    text = saved("alibi", tmp_path / "model")
+    assert 'TRANSFORMERS_RANGE = ("{}", "{}")'.format(*hf_posenc.TRANSFORMERS_RANGE) in text
+    assert f'PLUGIN_VERSION = "{hf_posenc.__version__}"' in text
+
+
+def test_saved_code_on_releases_outside_its_range(tmp_path):
+    """A saved folder's own code, loaded without the plugin on a release outside its tested range (the folder's
+    range edited): an older release is refused; a newer one loads a scheme transformers' own classes compute (YaRN on
+    Llama: the same logits, with a warning) and refuses one the plugin's code computes (ALiBi), naming the range, the
+    release, the pip line and HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS, which lets that one load too, with a warning."""
+    alibi, yarn = tmp_path / "alibi", tmp_path / "yarn"
+    saved("alibi", alibi)
+    saved({"type": "rope", "rope_type": "yarn", "factor": 4.0}, yarn)
+    found = transformers.__version__
+    below, above = ("4.0", "4.1"), ("9.0", "9.1")  # the installed release is newer, older than these
+    for folder in (alibi, yarn):
+        out = load_elsewhere(folder, above, tmp_path)
+        assert (
+            f"REFUSED this posenc model's code (hf_posenc {hf_posenc.__version__}) was tested with transformers " in out
+        )
+        assert f'>=9.0,<9.1; found {found}. Install a tested release: pip install "transformers>=9.0,<9.1"' in out
+        assert "ALLOW_UNTESTED" not in out, out[-2000:]
+    out = load_elsewhere(alibi, below, tmp_path)
+    assert f"REFUSED this posenc model's code (hf_posenc {hf_posenc.__version__}) was tested with transformers " in out
+    assert f">=4.0,<4.1; found {found}, and this checkpoint's scheme ('alibi') is computed by hf_posenc's code" in out
+    assert 'pip install "transformers>=4.0,<4.1", or set HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1' in out, out[-2000:]
+    out = load_elsewhere(yarn, below, tmp_path)
+    assert "LOADED True" in out and "its scheme ('rope') is computed by transformers' own classes" in out, out[-2000:]
+    out = load_elsewhere(alibi, below, tmp_path, allow=True)
+    assert "LOADED True" in out and "HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS is set" in out, out[-2000:]
+    assert "LOADED True" in load_elsewhere(alibi, None, tmp_path)
+
+
+@pytest.mark.parametrize("allow", [False, True], ids=["refused", "allowed"])
+@pytest.mark.parametrize("which", ["older", "newer"])
+def test_plugin_on_releases_outside_its_range(which, allow):
+    """`import hf_posenc` on a release outside the tested range fails, naming the range, the release and the pip
+    line; on a newer one HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1 lets it import, with a warning (never an older one)."""
+    low, high = (int(v.split(".")[1]) for v in hf_posenc.TRANSFORMERS_RANGE)
+    version = f"5.{low - 1}.2" if which == "older" else f"5.{high}.0"
     code = "\n".join(
         [
             f"import transformers; transformers.__version__ = {version!r}",
-            "try:\n    import hf_posenc\nexcept ImportError as error:\n    print(error)",
+            "try:\n    import hf_posenc\nexcept ImportError as error:\n    print('REFUSED', error)",
+            "else:\n    print('IMPORTED')",
         ]
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert f"hf_posenc (hf_posenc 0.2.0) was tested with transformers >=5.20,<5.25; found {version}" in done.stdout
+    env = {k: v for k, v in os.environ.items() if k != hf_posenc.modeling.posenc_version.ALLOW_UNTESTED}
+    if allow:
+        env[hf_posenc.modeling.posenc_version.ALLOW_UNTESTED] = "yes"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    range_text = hf_posenc.modeling.posenc_version.tested_range_text()
+    message = (
+        f"hf_posenc (hf_posenc {hf_posenc.__version__}) was tested with transformers {range_text}; found {version}"
+    )
+    if allow and which == "newer":
+        assert "IMPORTED" in done.stdout and message in done.stderr and "is set" in done.stderr
+    else:
+        assert f"REFUSED {message}" in done.stdout, done.stdout + done.stderr[-2000:]
+        assert ("HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1" in done.stdout) == (which == "newer")
 
 
 STUB_IMPORT = textwrap.dedent(

@@ -31,7 +31,7 @@ from .posenc_layers import (
     publish,
 )
 from .posenc_schemes import PosencConfigMixin, posenc_schemes, stock_class_of
-from .posenc_version import PLUGIN_VERSION
+from .posenc_version import PLUGIN_VERSION, check_scheme_on_release
 
 #: model_type -> the adapter of an architecture without a rotary module; every other one takes `RotarySlotAdapter`
 ADAPTERS: dict[str, type] = {"gpt2": GPT2Adapter, "bert": BertAdapter, "roberta": RobertaAdapter}
@@ -111,11 +111,15 @@ SCHEME_CHECKS: list = []
 class FactoryConfigMixin(PosencConfigMixin):
     """A factory-made config makes (and registers with the Auto classes) its architecture's model classes when it is
     first built, so neither importing hf_posenc nor making the config class imports a modeling file; `auto_map_entries`
-    is known from then on. It runs `SCHEME_CHECKS` on its scheme."""
+    is known from then on. It runs `SCHEME_CHECKS` on its scheme.
+
+    On a transformers release newer than the tested range (which only a saved folder's code reaches without
+    `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS`), the config loads only a scheme transformers' own classes compute."""
 
     def __post_init__(self, **kwargs):
         posenc_model_classes(type(self))
         super().__post_init__(**kwargs)
+        check_scheme_on_release(self.posenc["type"], self.stock_guard() is None)
         for check in SCHEME_CHECKS:
             for name in {self.posenc["type"], *(spec["type"] for spec in posenc_schemes(self.posenc))}:
                 check(self.base_model_type, name)  # a pattern, and each of its entries
@@ -193,7 +197,8 @@ def stub_sources(config_class: type) -> dict[str, str]:
             f"{_FROM_HERE}posenc_factory import posenc_config_class",
             f"{_FROM_HERE}posenc_version import check_transformers_version",
             "",
-            "check_transformers_version()",
+            "# a newer release than the tested ones loads only a scheme transformers' classes compute (see the config)",
+            'check_transformers_version(newer="scheme")',
             f"{config_name} = posenc_config_class({model_type!r})",
             "",
         ]

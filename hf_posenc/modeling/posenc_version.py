@@ -1,15 +1,35 @@
-"""The versions a saved posenc model's code was made and tested with, and the check that refuses any other
-transformers release. Part of the `trust_remote_code` closure: imports only the standard library and transformers."""
+"""The versions a saved posenc model's code was made and tested with, and what it does on other transformers releases.
+
+Part of the `trust_remote_code` closure: imports only the standard library and transformers.
+
+The rule, for the plugin and for the code every saved folder ships:
+- a release inside `TRANSFORMERS_RANGE` is tested: everything runs;
+- an older release is refused (the code uses what later releases added);
+- a newer release is refused by `import hf_posenc`, since any scheme may compute other numbers there. A saved folder's
+  own code loads it where transformers' own classes compute the folder's scheme (the native scheme, or RoPE of
+  transformers' own types on a RoPE architecture: see `check_scheme_on_release`), with a warning, and refuses the rest;
+- `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1` lets both run on a newer release, with a warning.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 
 #: hf_posenc's version, recorded in the files a saved model ships (the closure cannot import the package)
-PLUGIN_VERSION = "0.2.0"
+PLUGIN_VERSION = "0.3.0"
 
 #: the transformers releases this code is tested with, [low, high): CI runs the contract on each minor release
-TRANSFORMERS_RANGE = ("5.20", "5.25")
+TRANSFORMERS_RANGE = ("5.20", "5.26")
+
+#: the environment variable that lets the plugin and the shipped code run on a release newer than the range
+ALLOW_UNTESTED = "HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS"
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+class UntestedTransformersError(ImportError):
+    """The installed transformers release is outside the range this code was tested with."""
 
 
 def _minor(version: str) -> tuple[int, int]:
@@ -17,16 +37,89 @@ def _minor(version: str) -> tuple[int, int]:
     return int(major), int(minor)
 
 
-def check_transformers_version(what: str = "this posenc model's code") -> None:
-    """Raise ImportError naming the tested range when the installed transformers is outside it: the generic adapter
-    builds on internals shared by every architecture (the Auto mappings, config dataclasses, the rotary call
-    convention), which change between minor releases, so another release could crash inside transformers or compute
-    other numbers silently."""
+def installed() -> str:
+    """The installed transformers release (read at each call: tests and users may set it before loading)."""
     import transformers
 
+    return transformers.__version__
+
+
+def release_status(version: str | None = None) -> str:
+    """'tested', 'older' or 'newer': where `version` (the installed release by default) stands to the range."""
     low, high = TRANSFORMERS_RANGE
-    if not _minor(low) <= _minor(transformers.__version__) < _minor(high):
-        raise ImportError(
-            f"{what} (hf_posenc {PLUGIN_VERSION}) was tested with transformers >={low},<{high}; found "
-            f'{transformers.__version__}. Install a tested release: pip install "transformers>={low},<{high}"'
+    minor = _minor(version or installed())
+    if minor < _minor(low):
+        return "older"
+    return "tested" if minor < _minor(high) else "newer"
+
+
+def untested_allowed() -> bool:
+    """Whether the user set `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS` to run on a release newer than the range."""
+    return os.environ.get(ALLOW_UNTESTED, "").strip().lower() in _TRUE
+
+
+def tested_range_text() -> str:
+    low, high = TRANSFORMERS_RANGE
+    return f">={low},<{high}"
+
+
+def refusal(what: str, why: str = "") -> str:
+    """The message of a refused release: what was refused, the tested range, the release found, and what to do."""
+    version = installed()
+    text = f"{what} (hf_posenc {PLUGIN_VERSION}) was tested with transformers {tested_range_text()}; found {version}"
+    text += f'{why}. Install a tested release: pip install "transformers{tested_range_text()}"'
+    if release_status(version) == "newer":
+        text += f", or set {ALLOW_UNTESTED}=1 to try this one (its results are not verified)"
+    return text
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Log `message` at WARNING through transformers' logging, once per process."""
+    if message in _WARNED:
+        return
+    _WARNED.add(message)
+    from transformers.utils import logging
+
+    logging.get_logger("hf_posenc").warning(message)
+
+
+def check_transformers_version(what: str = "this posenc model's code", newer: str = "refuse") -> None:
+    """Raise UntestedTransformersError where the installed release is outside the tested range.
+
+    `newer` says what a newer release gets: "refuse" (the plugin: any scheme may compute other numbers there) or
+    "scheme" (a saved folder's code: its config decides, see `check_scheme_on_release`). With
+    `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1` a newer release runs, with a warning. Older releases are always refused.
+    """
+    status = release_status()
+    if status == "tested":
+        return
+    if status == "newer" and untested_allowed():
+        warn_once(f"{refusal(what)}; running it because {ALLOW_UNTESTED} is set")
+        return
+    if status == "newer" and newer == "scheme":
+        return
+    raise UntestedTransformersError(refusal(what))
+
+
+def check_scheme_on_release(scheme: str, stock_computes: bool, what: str = "this posenc model's code") -> None:
+    """On a release newer than the range, let a saved folder's code load a scheme transformers' own classes compute
+    (their code computes the numbers there; a warning says the release is untested) and refuse any other scheme (the
+    plugin's code computes it, untested on this release), unless the user allowed untested releases."""
+    if release_status() != "newer" or untested_allowed():
+        return
+    if stock_computes:
+        warn_once(
+            f"{refusal(what)}; it loads this checkpoint because its scheme ({scheme!r}) is computed by transformers' "
+            "own classes"
         )
+        return
+    raise UntestedTransformersError(
+        refusal(
+            what,
+            f", and this checkpoint's scheme ({scheme!r}) is computed by hf_posenc's code, not by "
+            "transformers' own classes",
+        )
+    )

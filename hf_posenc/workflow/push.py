@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..modeling.posenc_version import ALLOW_UNTESTED, tested_range_text
 from .data import STDLIB, has_tokenizer, hub_data_name, local_path
 
 logger = logging.getLogger(__name__)
@@ -647,6 +648,8 @@ def _build(
         training="\n".join(training),
         evaluation=evaluation,
         version=hf_posenc.__version__,
+        tested=tested_range_text(),
+        newer=NEWER_RELEASES[config.stock_guard() is None].format(scheme=scheme),
     )
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")  # parses the metadata back: invalid metadata raises
     card.save(folder / "README.md")
@@ -681,6 +684,19 @@ def upload(folder: str | Path, repo_id: str, private: bool = False, token: str |
         ) from error
     return str(getattr(commit, "commit_url", commit))
 
+
+#: what the card says of a release newer than the tested ones, by whether transformers' own classes compute the scheme
+NEWER_RELEASES = {
+    True: (
+        "On a newer release it loads, with a warning: transformers' own classes compute its scheme ({scheme}). "
+        "hf_posenc itself refuses newer releases until it is tested with them."
+    ),
+    False: (
+        "On a newer release it refuses to load, naming the tested releases: hf_posenc's code computes its scheme "
+        "({scheme}), which may compute other numbers there. Install a tested release, or set "
+        f"`{ALLOW_UNTESTED}=1` to try a newer one (its results are not verified)."
+    ),
+}
 
 BODY = """
 # {repo_id}
@@ -720,4 +736,9 @@ model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)
 ```
 
 The class is `{model_class}`; its weights keep the stock `{architecture}` names.
+
+## transformers releases
+
+This repository's code was tested with `transformers{tested}` (hf_posenc {version}) and refuses an older release.
+{newer}
 """
