@@ -103,6 +103,7 @@ VERIFIED: dict[str, dict] = {
     "esmc": {"num_key_value_heads": 4},
     "eurobert": {},
     "exaone4": {},
+    "ergo": {},
     "exaone_moe": {},
     "falcon_h1": {},
     "flex_olmo": {},
@@ -182,6 +183,7 @@ VERIFIED: dict[str, dict] = {
     "mellum": {},
     "mimo_v2_flash": {**_MOE, "num_key_value_heads": 2, "v_head_dim": 8},
     "minicpm3": {**_MLA, "dim_model_base": 16},
+    "minicpm5_moe": {},
     "minimax": {},
     "minimax_m2": {},
     "minimax_m3_vl_text": {},
@@ -332,7 +334,7 @@ def status(model_type: str) -> tuple[str, str]:
     return UNTRIED_STATUS, "generic adapter, not in CI"
 
 
-_OWN_ATTENTION = "its attention does not go through AttentionInterface, where the bias is added (Falcon)"
+_OWN_ATTENTION = "its attention does not go through AttentionInterface, where the bias is added"
 
 
 def refused_sites(model_type: str) -> dict[str, str]:

@@ -164,7 +164,7 @@ def test_partial_rotation_on_whole_head_architectures():
     [
         ("doge", "alibi", "reads the mask tensor itself"),
         ("minimax_m3_vl_text", "t5_bias", "block-sparse attention"),
-        ("falcon", "alibi", "does not go through AttentionInterface"),
+        ("gpt_neox_japanese", "alibi", "does not go through AttentionInterface"),
     ],
 )
 def test_refused_sites_name_the_reason(arch, scheme, reason):
