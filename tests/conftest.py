@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
@@ -134,6 +138,13 @@ def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None
             elif "position_bias" in name and not name.endswith((".c", ".threshold_multiplier")):  # KERPLE's, FIRE's MLP
                 param.uniform_(0.5, 2.0)  # (positive: KERPLE's are clamped at 0.01; FIRE's c and threshold kept)
     return model.eval()
+
+
+def console_script(name: str) -> str | None:
+    """The path of the console script `name` of the Python running the tests (a virtualenv's bin/, activated or not),
+    else the one on PATH; None where neither exists."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)
 
 
 def pad_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,11 @@
 import contextlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
+from conftest import console_script
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import hf_posenc
@@ -31,7 +31,7 @@ def _in_process(argv):
 @pytest.fixture(scope="module")
 def cli_output():
     """(runner, command) -> (exit code, stdout); the subprocesses start together, each pays the import only once."""
-    script = shutil.which("hf-posenc")
+    script = console_script("hf-posenc")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     prefixes = {"module": [sys.executable, "-m", "hf_posenc.cli"], "script": [script] if script else None}
     running, results = {}, {}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCH_KWARGS, DECODERS
+from conftest import ARCH_KWARGS, DECODERS, console_script
 from transformers import AutoModelForCausalLM
 
 from hf_posenc import archs
@@ -56,10 +56,9 @@ def _free_port() -> int:
 
 def _launch(tmp: Path, shard: bool) -> dict:
     """`hf-posenc train` (tiny GPT-2, t5_bias) on 2 CPU processes under `accelerate launch` with the FSDP config."""
-    import shutil
     import subprocess
 
-    accelerate = shutil.which("accelerate") or pytest.fail("the accelerate command is not installed")
+    accelerate = console_script("accelerate") or pytest.fail("the accelerate command is not installed")
     out, reports = tmp / "run", tmp / "reports"
     reports.mkdir(parents=True)
     command = [accelerate, "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2"]

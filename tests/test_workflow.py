@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, console_script
 
 from hf_posenc.cli import main
 from hf_posenc.workflow.compare import CompareConfig, run_compare, write_outputs
@@ -288,12 +288,11 @@ TRAIN_TINY = ["steps=6", "layers=1", "hidden_size=32", "heads=2", "seq_length=32
 def test_accelerate_launch_on_cpu(tmp_path, launch, processes):
     """Under `accelerate launch` on a CPU-only machine, `--multi_gpu --num_processes 2` trains data-parallel on 2
     processes (gloo); accelerate 1.x runs `--cpu --num_processes 2` as a single process, which must work too."""
-    import shutil
     import subprocess
 
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU launch (gloo); a GPU machine would launch on its GPUs")
-    accelerate = shutil.which("accelerate") or pytest.fail("the accelerate command is not installed")
+    accelerate = console_script("accelerate") or pytest.fail("the accelerate command is not installed")
     command = [accelerate, "launch", *launch, "--num_machines", "1", "--mixed_precision", "no"]
     command += ["--dynamo_backend", "no", "-m", "hf_posenc.cli", "train", "--config"]
     command += [str(CONFIGS / "train_gpt2_alibi.yaml"), *TRAIN_TINY, f"output_dir={tmp_path}"]
