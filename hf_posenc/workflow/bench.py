@@ -177,9 +177,11 @@ def _out_of_memory(paths: dict, q, k, v, backward: bool) -> dict[str, str]:
 
 
 def _ratios(rows: list[dict], reference: dict, keys, name: str) -> None:
+    """Each row's `keys` as multiples of the reference's, where the reference has one above zero (a peak of 0 MiB
+    over the baseline, which a short call on the CPU can measure, has no multiple)."""
     for row in rows:
         for key in keys:
-            if key in row and key in reference:
+            if key in row and reference.get(key):
                 row[f"{key.removesuffix('_s')}_x_{name}"] = row[key] / reference[key]
 
 
