@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# Under pytest-xdist (pyproject's addopts: a worker per core) each worker takes its share of the cores: tiny models
+# spend their time in Python, and OpenMP teams of every worker on every core would wait on each other (measured: the
+# suite on 2 cores took 16 min 47 s with 2 threads per worker, 9 min 24 s with 1). Subprocesses inherit the share.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hf_posenc
@@ -141,10 +149,14 @@ def build(arch: str, posenc, seed: int = 0, config_overrides: dict | None = None
 
 
 def console_script(name: str) -> str | None:
-    """The path of the console script `name` of the Python running the tests (a virtualenv's bin/, activated or not),
-    else the one on PATH; None where neither exists."""
+    """The path of the console script `name` installed beside the Python running the tests (a virtualenv's bin/,
+    activated or not); None where there is none (one on PATH may run another environment's Python)."""
     beside = Path(sys.executable).parent / name
-    return str(beside) if beside.is_file() else shutil.which(name)
+    return str(beside) if beside.is_file() else None
+
+
+#: `accelerate` as a command of the Python running the tests, whatever PATH holds
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
 
 
 def pad_aware_positions(attention_mask: torch.Tensor) -> torch.Tensor:

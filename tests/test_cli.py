@@ -13,6 +13,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 import hf_posenc
 from hf_posenc.cli import main
 
+pytestmark = pytest.mark.xdist_group("cli")  # one worker starts the subprocesses the module's tests share
+
 COMMANDS = {"version": ["--version"], "schemes": ["schemes"]}
 RUNNERS = ["module", "script"]
 

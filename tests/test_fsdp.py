@@ -28,11 +28,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCH_KWARGS, DECODERS, console_script
+from conftest import ACCELERATE, ARCH_KWARGS, DECODERS
 from transformers import AutoModelForCausalLM
 
 from hf_posenc import archs
 from hf_posenc.modeling.posenc_schemes import SCHEMES
+
+pytestmark = pytest.mark.xdist_group("fsdp")  # one worker runs the two launches the module's tests share
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP_CONFIG = REPO / "configs" / "accelerate_fsdp.yaml"
@@ -58,10 +60,9 @@ def _launch(tmp: Path, shard: bool) -> dict:
     """`hf-posenc train` (tiny GPT-2, t5_bias) on 2 CPU processes under `accelerate launch` with the FSDP config."""
     import subprocess
 
-    accelerate = console_script("accelerate") or pytest.fail("the accelerate command is not installed")
     out, reports = tmp / "run", tmp / "reports"
     reports.mkdir(parents=True)
-    command = [accelerate, "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2"]
+    command = [*ACCELERATE, "launch", "--config_file", str(FSDP_CONFIG), "--num_processes", "2"]
     command += ["--main_process_port", str(_free_port()), __file__, *(["--shard"] if shard else [])]
     command += ["train", "--config", str(TRAIN_CONFIG), *TRAIN_TINY, f"posenc={SHARED_SCHEME}"]
     command += [f"data={tmp.parent / 'text.txt'}", f"output_dir={out}"]
