@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,8 @@ from conftest import ARCHS, ENCODERS, SCHEME_CASES, VOCAB, build
 import hf_posenc
 from hf_posenc import archs
 
-pytestmark = pytest.mark.smoke  # saved folders are what differs most between transformers releases
+# saved folders are what differs most between transformers releases; one worker shares the loads
+pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group("remote")]
 
 # every (architecture, scheme) pair on the architecture's main head, plus heads built in other ways
 MAIN_HEAD = {arch: "AutoModelForMaskedLM" if arch in ENCODERS else "AutoModelForCausalLM" for arch in ARCHS}
@@ -149,27 +151,33 @@ VERSION_CHECK = textwrap.dedent(
 )
 
 
-def load_elsewhere(folder, tested: tuple[str, str] | None, tmp_path, allow: bool = False) -> str:
-    """What a process without hf_posenc prints loading `folder` through trust_remote_code, the folder's code edited
-    to say it was tested with the releases `tested` (None: as saved), with HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS set
-    if `allow`. (transformers.__version__ cannot be faked here: transformers sets it again while it loads.)"""
-    version_file = folder / "posenc_version.py"
-    text = version_file.read_text()
+def load_elsewhere(cases: dict, tmp_path) -> dict:
+    """What a process without hf_posenc prints loading a folder through trust_remote_code, for each case
+    `name: (folder, tested, allow)`: a copy of `folder` whose code says it was tested with the releases `tested` (None:
+    as saved), with HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS set if `allow`. The processes run at once.
+    (transformers.__version__ cannot be faked in them: transformers sets it again while it loads.)"""
     saved_range = 'TRANSFORMERS_RANGE = ("{}", "{}")'.format(*hf_posenc.TRANSFORMERS_RANGE)
-    assert saved_range in text
-    if tested is not None:
-        version_file.write_text(text.replace(saved_range, 'TRANSFORMERS_RANGE = ("{}", "{}")'.format(*tested)))
-    env = {k: v for k, v in os.environ.items() if k != hf_posenc.modeling.posenc_version.ALLOW_UNTESTED}
-    env |= {"HF_MODULES_CACHE": str(tmp_path / f"modules-{tested}-{allow}"), "HF_HUB_OFFLINE": "1"}
-    if allow:
-        env[hf_posenc.modeling.posenc_version.ALLOW_UNTESTED] = "1"
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", VERSION_CHECK, str(folder)], capture_output=True, text=True, env=env, timeout=300
+    running = {}
+    for name, (folder, tested, allow) in cases.items():
+        copy = tmp_path / f"case-{name}"
+        shutil.copytree(folder, copy)
+        version_file = copy / "posenc_version.py"
+        assert saved_range in version_file.read_text()
+        if tested is not None:
+            edited = 'TRANSFORMERS_RANGE = ("{}", "{}")'.format(*tested)
+            version_file.write_text(version_file.read_text().replace(saved_range, edited))
+        env = {k: v for k, v in os.environ.items() if k != hf_posenc.modeling.posenc_version.ALLOW_UNTESTED}
+        env |= {"HF_MODULES_CACHE": str(tmp_path / f"modules-{name}"), "HF_HUB_OFFLINE": "1"}
+        if allow:
+            env[hf_posenc.modeling.posenc_version.ALLOW_UNTESTED] = "1"
+        running[name] = subprocess.Popen(
+            [sys.executable, "-c", VERSION_CHECK, str(copy)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
-    finally:
-        version_file.write_text(text)
-    return done.stdout + done.stderr
+    return {name: process.communicate(timeout=300)[0] for name, process in running.items()}
 
 
 def saved(posenc, folder) -> str:
@@ -192,7 +200,7 @@ def test_saved_code_records_the_tested_range(tmp_path):
 
 def test_saved_code_on_releases_outside_its_range(tmp_path):
     """A saved folder's own code, loaded without the plugin on a release outside its tested range (the folder's
-    range edited): an older release is refused; a newer one loads a scheme transformers' own classes compute (YaRN on
+    range edited): an older release is refused; a newer one loads a scheme transformers' own modules compute (YaRN on
     Llama: the same logits, with a warning) and refuses one the plugin's code computes (ALiBi), naming the range, the
     release, the pip line and HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS, which lets that one load too, with a warning."""
     alibi, yarn = tmp_path / "alibi", tmp_path / "yarn"
@@ -200,22 +208,31 @@ def test_saved_code_on_releases_outside_its_range(tmp_path):
     saved({"type": "rope", "rope_type": "yarn", "factor": 4.0}, yarn)
     found = transformers.__version__
     below, above = ("4.0", "4.1"), ("9.0", "9.1")  # the installed release is newer, older than these
-    for folder in (alibi, yarn):
-        out = load_elsewhere(folder, above, tmp_path)
-        assert (
-            f"REFUSED this posenc model's code (hf_posenc {hf_posenc.__version__}) was tested with transformers " in out
-        )
-        assert f'>=9.0,<9.1; found {found}. Install a tested release: pip install "transformers>=9.0,<9.1"' in out
-        assert "ALLOW_UNTESTED" not in out, out[-2000:]
-    out = load_elsewhere(alibi, below, tmp_path)
-    assert f"REFUSED this posenc model's code (hf_posenc {hf_posenc.__version__}) was tested with transformers " in out
-    assert f">=4.0,<4.1; found {found}, and this checkpoint's scheme ('alibi') is computed by hf_posenc's code" in out
-    assert 'pip install "transformers>=4.0,<4.1", or set HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1' in out, out[-2000:]
-    out = load_elsewhere(yarn, below, tmp_path)
-    assert "LOADED True" in out and "its scheme ('rope') is computed by transformers' own classes" in out, out[-2000:]
-    out = load_elsewhere(alibi, below, tmp_path, allow=True)
-    assert "LOADED True" in out and "HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS is set" in out, out[-2000:]
-    assert "LOADED True" in load_elsewhere(alibi, None, tmp_path)
+    allowed = hf_posenc.modeling.posenc_version.untested_allowed()  # (set by CI's step past the range)
+    out = load_elsewhere(
+        {
+            "older": (yarn, above, False),
+            "newer-alibi": (alibi, below, False),
+            "newer-yarn": (yarn, below, False),
+            "newer-alibi-allowed": (alibi, below, True),
+            "as-saved": (alibi, None, allowed),  # loads on a tested release (and where CI allows a newer one)
+        },
+        tmp_path,
+    )
+    head = f"REFUSED this posenc model's code (hf_posenc {hf_posenc.__version__}) was tested with transformers "
+    assert head in out["older"] and "ALLOW_UNTESTED" not in out["older"], out["older"][-2000:]
+    assert f'>=9.0,<9.1; found {found}. Install a tested release: pip install "transformers>=9.0,<9.1"' in out["older"]
+    refused = out["newer-alibi"]
+    assert head in refused, refused[-2000:]
+    assert (
+        f">=4.0,<4.1; found {found}, and this checkpoint's scheme ('alibi') is computed by hf_posenc's code" in refused
+    )
+    assert 'pip install "transformers>=4.0,<4.1", or set HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1' in refused
+    loaded = out["newer-yarn"]
+    assert "LOADED True" in loaded and "its scheme ('rope') is computed by transformers' own modules" in loaded, loaded
+    allowed_out = out["newer-alibi-allowed"]
+    assert "LOADED True" in allowed_out and "HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS is set" in allowed_out, allowed_out
+    assert "LOADED True" in out["as-saved"], out["as-saved"][-2000:]
 
 
 @pytest.mark.parametrize("allow", [False, True], ids=["refused", "allowed"])
