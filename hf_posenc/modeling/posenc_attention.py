@@ -1158,17 +1158,28 @@ def _static_batch(tensor):
 CPU_FLEX_MIN_HEAD_DIM = 32
 
 
+def cpu_flex_supported() -> bool:
+    """Whether torch's compiled flex kernel builds on this CPU: torch's own test where it has one (2.13: x86 with AVX2
+    and ATEN_CPU_CAPABILITY not 'default', not macOS, no XPU), else that test written out."""
+    try:
+        from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
+    except ImportError:
+        import os
+        import sys
+
+        avx2 = getattr(torch.cpu, "_is_avx2_supported", lambda: False)()
+        return avx2 and os.getenv("ATEN_CPU_CAPABILITY") != "default" and sys.platform != "darwin"
+    return check_cpu_supported()
+
+
 def _cpu_flex_heads(query, key, value):
     """q, k and v for torch's compiled CPU flex kernel: heads narrower than CPU_FLEX_MIN_HEAD_DIM zero-padded to it
-    (q and k to one width, v to its own); refused where torch has no vector code for this CPU, where its kernel does
-    not compile."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    if not pick_vec_isa():
+    (q and k to one width, v to its own); refused where torch's kernel does not build on this CPU."""
+    if not cpu_flex_supported():
         raise ValueError(
-            "attn_implementation 'posenc_flex' on the CPU runs torch's compiled flex kernel, which needs vector "
-            "instructions (AVX2 or AVX-512 on x86, NEON or SVE on Arm) that torch finds none of on this machine "
-            "(or ATEN_CPU_CAPABILITY=default); use 'posenc_sdpa'"
+            "attn_implementation 'posenc_flex' on the CPU runs torch's compiled flex kernel, which builds only on x86 "
+            "CPUs with AVX2 (not on macOS, not with ATEN_CPU_CAPABILITY=default), which this is not; use "
+            "'posenc_sdpa'"
         )
 
     def widened(tensor):
