@@ -70,6 +70,9 @@ class BertLikeAdapter:
     """Place after `PosencPreTrainedMixin` and before the stock base model (BertModel, RobertaModel)."""
 
     native_posenc = "learned"
+    #: whether the default position ids rise by one (BERT's count from the cache; RoBERTa's keep padding_idx at pad
+    #: tokens, which transformers 5.25's mask builder would read as packed documents)
+    default_positions_rise = True
     #: the rotary step is the plugin's own (`apply_rope`), which rotates part of the head natively
     rotates_part = True
     extra_heads = ()
@@ -111,11 +114,12 @@ class BertLikeAdapter:
         # by it (relative schemes, grown tables).
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids, inputs_embeds, cache)
-            if attention_mask is None and cache is None:
+            if attention_mask is None and cache is None and not self.default_positions_rise:
                 # From transformers 5.25 the mask builder reads position ids that do not rise by one as packed
                 # documents (without a padding mask or a cache). The stock model hands it the caller's ids (none
                 # here), this one its defaults, where RoBERTa's padding keeps padding_idx: an all-ones padding mask,
-                # which is what no mask means, keeps the builder from reading them so.
+                # which is what no mask means, keeps the builder from reading them so (at the cost of a (T, T) mask
+                # where the stock model traced under torch.compile has none).
                 shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape
                 attention_mask = torch.ones(shape, dtype=torch.long, device=position_ids.device)
         if token_type_ids is None:
@@ -142,6 +146,8 @@ class BertAdapter(BertLikeAdapter):
 
 class RobertaAdapter(BertLikeAdapter):
     """RoBERTa: its own padding-aware positions."""
+
+    default_positions_rise = False
 
     def default_position_ids(self, input_ids, inputs_embeds, cache):
         """RoBERTa's own rule: count real tokens from padding_idx + 1, padding keeps padding_idx."""
