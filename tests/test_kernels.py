@@ -15,9 +15,12 @@ mapping names: transformers' own mapping names none on the CPU and, on CUDA, the
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
+import transformers
+from packaging.version import Version
 from test_archs import ARCHS, SMOKE, arch_pattern, auto_class, build, logits, tokens
 from torch import nn
 from transformers.utils.import_utils import is_kernels_available
@@ -25,8 +28,12 @@ from transformers.utils.import_utils import is_kernels_available
 import hf_posenc
 from hf_posenc import archs
 
+KERNELS_BY_DEFAULT = Version(transformers.__version__).release[:2] >= (5, 25)
+HUB_KERNELS_ON = os.environ.get("USE_HUB_KERNELS", "YES").upper() in ("1", "ON", "YES", "TRUE")  # transformers' test
 pytestmark = pytest.mark.skipif(
-    not is_kernels_available(), reason="transformers finds no compatible `kernels` package (it needs one from 5.25)"
+    not (KERNELS_BY_DEFAULT and is_kernels_available() and HUB_KERNELS_ON),
+    reason="from_pretrained kernelizes by default from transformers 5.25, with a compatible `kernels` package and "
+    "USE_HUB_KERNELS not off; here not so",
 )
 
 #: calls of the CPU rotary kernel below (a kernel layer may hold no state of its own)

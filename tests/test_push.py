@@ -400,7 +400,7 @@ def test_masked_lm_card_is_fill_mask(tmp_path):
 
 def test_card_says_which_transformers_releases_load_it(tmp_path):
     """The card names the releases the shipped code was tested with, and what a newer release does with this folder:
-    loads it where transformers' own classes compute the scheme (YaRN on Llama), refuses it otherwise (ALiBi)."""
+    loads it where transformers' own modules compute the scheme (YaRN on Llama), refuses it otherwise (ALiBi)."""
     tested = (
         f"tested with `transformers{posenc_version.tested_range_text()}` (hf_posenc {posenc_version.PLUGIN_VERSION})"
     )

@@ -31,7 +31,13 @@ from .posenc_layers import (
     publish,
 )
 from .posenc_schemes import PosencConfigMixin, posenc_schemes, stock_class_of
-from .posenc_version import PLUGIN_VERSION, check_scheme_on_release
+from .posenc_version import (
+    PLUGIN_VERSION,
+    UntestedTransformersError,
+    check_scheme_on_release,
+    refusal,
+    release_status,
+)
 
 #: model_type -> the adapter of an architecture without a rotary module; every other one takes `RotarySlotAdapter`
 ADAPTERS: dict[str, type] = {"gpt2": GPT2Adapter, "bert": BertAdapter, "roberta": RobertaAdapter}
@@ -114,11 +120,18 @@ class FactoryConfigMixin(PosencConfigMixin):
     is known from then on. It runs `SCHEME_CHECKS` on its scheme.
 
     On a transformers release newer than the tested range (which only a saved folder's code reaches without
-    `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS`), the config loads only a scheme transformers' own classes compute."""
+    `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS`), the config loads only a scheme transformers' own modules compute."""
 
     def __post_init__(self, **kwargs):
-        posenc_model_classes(type(self))
-        super().__post_init__(**kwargs)
+        try:
+            posenc_model_classes(type(self))
+            super().__post_init__(**kwargs)
+        except Exception as error:
+            if release_status() == "newer":  # internals this code leans on may have moved: say so, with the cause
+                raise UntestedTransformersError(
+                    refusal("this posenc model's code", f", on which it failed ({type(error).__name__}: {error})")
+                ) from error
+            raise
         check_scheme_on_release(self.posenc["type"], self.stock_guard() is None)
         for check in SCHEME_CHECKS:
             for name in {self.posenc["type"], *(spec["type"] for spec in posenc_schemes(self.posenc))}:

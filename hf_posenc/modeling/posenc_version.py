@@ -6,7 +6,7 @@ The rule, for the plugin and for the code every saved folder ships:
 - a release inside `TRANSFORMERS_RANGE` is tested: everything runs;
 - an older release is refused (the code uses what later releases added);
 - a newer release is refused by `import hf_posenc`, since any scheme may compute other numbers there. A saved folder's
-  own code loads it where transformers' own classes compute the folder's scheme (the native scheme, or RoPE of
+  own code loads it where transformers' own modules compute the folder's scheme (the native scheme, or RoPE of
   transformers' own types on a RoPE architecture: see `check_scheme_on_release`), with a warning, and refuses the rest;
 - `HF_POSENC_ALLOW_UNTESTED_TRANSFORMERS=1` lets both run on a newer release, with a warning.
 """
@@ -63,12 +63,17 @@ def tested_range_text() -> str:
     return f">={low},<{high}"
 
 
+def untested(what: str) -> str:
+    """What was tested with which releases, and the release found."""
+    return (
+        f"{what} (hf_posenc {PLUGIN_VERSION}) was tested with transformers {tested_range_text()}; found {installed()}"
+    )
+
+
 def refusal(what: str, why: str = "") -> str:
     """The message of a refused release: what was refused, the tested range, the release found, and what to do."""
-    version = installed()
-    text = f"{what} (hf_posenc {PLUGIN_VERSION}) was tested with transformers {tested_range_text()}; found {version}"
-    text += f'{why}. Install a tested release: pip install "transformers{tested_range_text()}"'
-    if release_status(version) == "newer":
+    text = f'{untested(what)}{why}. Install a tested release: pip install "transformers{tested_range_text()}"'
+    if release_status() == "newer" and not untested_allowed():
         text += f", or set {ALLOW_UNTESTED}=1 to try this one (its results are not verified)"
     return text
 
@@ -97,7 +102,7 @@ def check_transformers_version(what: str = "this posenc model's code", newer: st
     if status == "tested":
         return
     if status == "newer" and untested_allowed():
-        warn_once(f"{refusal(what)}; running it because {ALLOW_UNTESTED} is set")
+        warn_once(f"{untested(what)}; running it because {ALLOW_UNTESTED} is set: its results are not verified")
         return
     if status == "newer" and newer == "scheme":
         return
@@ -105,21 +110,22 @@ def check_transformers_version(what: str = "this posenc model's code", newer: st
 
 
 def check_scheme_on_release(scheme: str, stock_computes: bool, what: str = "this posenc model's code") -> None:
-    """On a release newer than the range, let a saved folder's code load a scheme transformers' own classes compute
-    (their code computes the numbers there; a warning says the release is untested) and refuse any other scheme (the
-    plugin's code computes it, untested on this release), unless the user allowed untested releases."""
+    """On a release newer than the range, let a saved folder's code load a scheme transformers' own modules compute
+    (their code computes the numbers there, the plugin's only passes the calls through; a warning says the release is
+    untested) and refuse any other scheme (the plugin's code computes it, untested on this release), unless the user
+    allowed untested releases."""
     if release_status() != "newer" or untested_allowed():
         return
     if stock_computes:
         warn_once(
-            f"{refusal(what)}; it loads this checkpoint because its scheme ({scheme!r}) is computed by transformers' "
-            "own classes"
+            f"{untested(what)}; it loads this checkpoint because its scheme ({scheme!r}) is computed by transformers' "
+            f'own modules. The tested releases: pip install "transformers{tested_range_text()}"'
         )
         return
     raise UntestedTransformersError(
         refusal(
             what,
             f", and this checkpoint's scheme ({scheme!r}) is computed by hf_posenc's code, not by "
-            "transformers' own classes",
+            "transformers' own modules",
         )
     )

@@ -685,11 +685,12 @@ def upload(folder: str | Path, repo_id: str, private: bool = False, token: str |
     return str(getattr(commit, "commit_url", commit))
 
 
-#: what the card says of a release newer than the tested ones, by whether transformers' own classes compute the scheme
+#: what the card says of a release newer than the tested ones, by whether transformers' own modules compute the scheme
 NEWER_RELEASES = {
     True: (
-        "On a newer release it loads, with a warning: transformers' own classes compute its scheme ({scheme}). "
-        "hf_posenc itself refuses newer releases until it is tested with them."
+        "On a newer release it loads, with a warning: transformers' own modules compute its scheme ({scheme}), "
+        "though the plugin's code that passes the calls through to them is untested there. hf_posenc itself refuses "
+        "newer releases until it is tested with them."
     ),
     False: (
         "On a newer release it refuses to load, naming the tested releases: hf_posenc's code computes its scheme "
