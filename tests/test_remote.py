@@ -177,7 +177,11 @@ def load_elsewhere(cases: dict, tmp_path) -> dict:
             text=True,
             env=env,
         )
-    return {name: process.communicate(timeout=300)[0] for name, process in running.items()}
+    try:
+        return {name: process.communicate(timeout=300)[0] for name, process in running.items()}
+    finally:
+        for process in running.values():
+            process.kill()  # (a no-op for those that ended)
 
 
 def saved(posenc, folder) -> str:
@@ -365,3 +369,27 @@ def test_each_loaded_folder_keeps_its_own_kernels(tmp_path, plugin):
     assert "KEPT True posenc_auto." in out, out + done.stderr[-3000:]
     if plugin == "import":
         assert "PLUGIN True" in out, out + done.stderr[-3000:]
+
+
+def test_a_failure_on_a_newer_release_names_the_release(monkeypatch):
+    """On a release newer than the tested ones (here: the range edited, the release allowed), a failure inside the
+    config's setup where transformers' internals may have moved names the release and the tested range; a refusal
+    of the config itself (a setting the scheme does not take) stays the ValueError it is on any release."""
+    from hf_posenc.modeling import posenc_factory, posenc_version
+
+    monkeypatch.setattr(posenc_version, "TRANSFORMERS_RANGE", ("5.0", "5.1"))
+    monkeypatch.setenv(posenc_version.ALLOW_UNTESTED, "1")
+    config = test_archs.tiny("llama")
+    with pytest.raises(ValueError, match="factor"):
+        hf_posenc.with_posenc(config, {"type": "rope", "rope_type": "yarn", "factor": 0.5})
+
+    def moved(config_class):
+        raise AttributeError("'_LazyAutoMapping' object has no attribute '_model_mapping'")
+
+    monkeypatch.setattr(posenc_factory, "posenc_model_classes", moved)
+    with pytest.raises(posenc_version.UntestedTransformersError) as refused:
+        hf_posenc.with_posenc(config, "alibi")
+    message = str(refused.value)
+    assert f"was tested with transformers >=5.0,<5.1; found {transformers.__version__}, and it failed there" in message
+    assert "(AttributeError: '_LazyAutoMapping' object has no attribute '_model_mapping')" in message
+    assert 'pip install "transformers>=5.0,<5.1"' in message and posenc_version.ALLOW_UNTESTED not in message

@@ -34,8 +34,8 @@ from .posenc_schemes import PosencConfigMixin, posenc_schemes, stock_class_of
 from .posenc_version import (
     PLUGIN_VERSION,
     UntestedTransformersError,
+    broken_on_release,
     check_scheme_on_release,
-    refusal,
     release_status,
 )
 
@@ -126,11 +126,11 @@ class FactoryConfigMixin(PosencConfigMixin):
         try:
             posenc_model_classes(type(self))
             super().__post_init__(**kwargs)
+        except (ValueError, TypeError):
+            raise  # the plugin's own refusals of a config (a scheme, a setting): the release is not their cause
         except Exception as error:
             if release_status() == "newer":  # internals this code leans on may have moved: say so, with the cause
-                raise UntestedTransformersError(
-                    refusal("this posenc model's code", f", on which it failed ({type(error).__name__}: {error})")
-                ) from error
+                raise UntestedTransformersError(broken_on_release("this posenc model's code", error)) from error
             raise
         check_scheme_on_release(self.posenc["type"], self.stock_guard() is None)
         for check in SCHEME_CHECKS:

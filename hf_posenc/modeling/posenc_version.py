@@ -78,6 +78,14 @@ def refusal(what: str, why: str = "") -> str:
     return text
 
 
+def broken_on_release(what: str, error: BaseException) -> str:
+    """The message of code that failed on a release newer than the tested ones: the release is the likely cause."""
+    return (
+        f"{untested(what)}, and it failed there ({type(error).__name__}: {error}): transformers' internals it builds "
+        f'on have likely moved. Install a tested release: pip install "transformers{tested_range_text()}"'
+    )
+
+
 _WARNED: set[str] = set()
 
 
