@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# The remote code that loads copy into transformers' modules cache: one of each test worker's own (set before
+# transformers is imported, which reads it then), so that workers never write one folder at once, nor the user's
+# ~/.cache (a cache the user named is kept in a serial run). Processes the tests start inherit it.
+if "PYTEST_XDIST_WORKER" in os.environ or "HF_MODULES_CACHE" not in os.environ:
+    os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_posenc_tests_modules_")
 
-# Under pytest-xdist (pyproject's addopts: a worker per core) each worker takes its share of the cores: tiny models
-# spend their time in Python, and OpenMP teams of every worker on every core would wait on each other (measured: the
-# suite on 2 cores took 16 min 47 s with 2 threads per worker, 9 min 24 s with 1). Subprocesses inherit the share.
-if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
-    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    torch.set_num_threads(_share)
-    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 import hf_posenc
 from hf_posenc.modeling.posenc_attention import BIAS_PROVIDERS
 
 VOCAB = 96
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (pyproject's addopts: a worker per core) each worker takes its share of the cores it may
+    run on: tiny models spend their time in Python, and OpenMP teams of every worker on every core wait on each
+    other (measured on 2 cores: the suite took 16 min 47 s with 2 threads per worker, 8 min 29 s with 1). A hook, so
+    that it runs in the test workers only, not in a process that imports this file (the FSDP ranks); processes the
+    tests start get the share through OMP_NUM_THREADS unless they are given their own."""
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        share = max(1, cores // int(workers))
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
 
 # One tiny stock config per architecture of the deep contract suite; dropout off so train and eval agree.
 ARCH_KWARGS = {

@@ -20,6 +20,16 @@ from hf_posenc.modeling.posenc_attention import AlibiBias, T5RelativeBias, posen
 from hf_posenc.modeling.posenc_flush import DenormalFlush, blockwise, denormal_flush
 
 
+@pytest.fixture(autouse=True)
+def openmp_team():
+    """An OpenMP team of at least 2 for every test here, also where the suite runs one thread per worker: the flush
+    must reach the team's other threads, and the checks look at them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
 def denormals_survive_everywhere() -> tuple[bool, bool]:
     """(some thread keeps denormals, some thread flushes them), from one multiply spread over the OpenMP team."""
     kept = (torch.full((1 << 20,), 1e-39) * 1.0) != 0
@@ -74,16 +84,10 @@ def test_denormals_flushed_for_the_call_and_its_backward_only(recompute):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2 or not denormal_flush._resolve(), reason="needs an OpenMP team")
 def test_denormals_flushed_on_every_thread():
-    """torch.set_flush_denormal reaches the calling thread only; the flush reaches every thread of the team (of 2,
-    also where the suite runs one thread per worker)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(2, before))
-    try:
-        with denormal_flush.on(torch.device("cpu")):
-            assert denormals_survive_everywhere() == (False, True)
-        assert denormals_survive_everywhere() == (True, False)
-    finally:
-        torch.set_num_threads(before)
+    """torch.set_flush_denormal reaches the calling thread only; the flush reaches every thread of the team."""
+    with denormal_flush.on(torch.device("cpu")):
+        assert denormals_survive_everywhere() == (False, True)
+    assert denormals_survive_everywhere() == (True, False)
 
 
 def test_denormal_flush_leaves_a_user_setting_alone(monkeypatch):

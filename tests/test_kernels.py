@@ -29,7 +29,7 @@ import hf_posenc
 from hf_posenc import archs
 
 KERNELS_BY_DEFAULT = Version(transformers.__version__).release[:2] >= (5, 25)
-HUB_KERNELS_ON = os.environ.get("USE_HUB_KERNELS", "YES").upper() in ("1", "ON", "YES", "TRUE")  # transformers' test
+HUB_KERNELS_ON = os.environ.get("USE_HUB_KERNELS", "YES").lower() in ("true", "1", "y", "yes", "on")  # as transformers
 pytestmark = pytest.mark.skipif(
     not (KERNELS_BY_DEFAULT and is_kernels_available() and HUB_KERNELS_ON),
     reason="from_pretrained kernelizes by default from transformers 5.25, with a compatible `kernels` package and "
