@@ -46,7 +46,7 @@ part() {  # part NAME SECONDS COMMAND...: run with a limit, log to OUT/NAME.log,
 bench=(python3 -m hf_posenc.cli bench --heads 16 --head-dim 64 --repeats 5 --dense-max 4096)
 case $what in
 tests)
-    part gpu_tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py --durations 15 \
+    part gpu_tests 300 python3 -m pytest -q -n 0 -m gpu -p no:cacheprovider tests/test_gpu.py --durations 15 \
         --junitxml "$out/gpu_tests.xml"
     ;;
 bench)

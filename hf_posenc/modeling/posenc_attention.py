@@ -1168,7 +1168,8 @@ def cpu_flex_supported() -> bool:
         import sys
 
         avx2 = getattr(torch.cpu, "_is_avx2_supported", lambda: False)()
-        return avx2 and os.getenv("ATEN_CPU_CAPABILITY") != "default" and sys.platform != "darwin"
+        xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+        return avx2 and os.getenv("ATEN_CPU_CAPABILITY") != "default" and sys.platform != "darwin" and not xpu
     return check_cpu_supported()
 
 

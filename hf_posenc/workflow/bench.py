@@ -454,7 +454,7 @@ def run_memory(length=8192, schemes=("nope", "alibi", "t5_bias"), repeats=2, bat
                     train_step_s=seconds[scheme],
                     train_peak_mib=peaks[scheme],
                     train_step_x_nope=seconds[scheme] / seconds["nope"],
-                    train_peak_x_nope=peaks[scheme] / peaks["nope"],
+                    train_peak_x_nope=peaks[scheme] / peaks["nope"] if peaks["nope"] else None,  # 0 MiB: none
                 )
             )
         del models, steps
