@@ -185,12 +185,15 @@ from test_bias_paths import Attention, causal, reference
 from hf_posenc.modeling import posenc_attention
 from hf_posenc.modeling.posenc_attention import AlibiBias, posenc_flex_attention
 posenc_attention.CPU_FLEX_MIN_HEAD_DIM = int(sys.argv[2])
-provider, generator, masks = AlibiBias(4), torch.Generator().manual_seed(0), causal(40, 40)
-query, key, value = (torch.randn(2, heads, 40, 8, generator=generator) for heads in (4, 2, 2))
-with torch.no_grad():
-    out, _ = posenc_flex_attention(Attention(provider), query, key, value, masks, scaling=0.3)
-expected = reference(query, key, value, provider, masks, 0.3)
-print("ERROR", ((out.double() - expected).abs().max() / expected.abs().max()).item())
+provider, masks, errors = AlibiBias(4), causal(40, 40), []
+for seed in range(16):
+    generator = torch.Generator().manual_seed(seed)
+    query, key, value = (torch.randn(2, heads, 40, 8, generator=generator) for heads in (4, 2, 2))
+    with torch.no_grad():
+        out, _ = posenc_flex_attention(Attention(provider), query, key, value, masks, scaling=0.3)
+    expected = reference(query, key, value, provider, masks, 0.3)
+    errors.append(((out.double() - expected).abs().max() / expected.abs().max()).item())
+print("ERRORS", " ".join(map(str, errors)))
 """
 
 
@@ -198,8 +201,9 @@ print("ERROR", ((out.double() - expected).abs().max() / expected.abs().max()).it
 @pytest.mark.parametrize("min_width", [posenc_attention.CPU_FLEX_MIN_HEAD_DIM, 0], ids=["padded", "as-is"])
 def test_flex_on_avx2_code_pads_narrow_heads(min_width, tmp_path):
     """torch 2.13's compiled CPU flex kernel, made to emit AVX2 code (ATEN_CPU_CAPABILITY=avx2, as on a CPU without
-    AVX-512), returns wrong values for heads 8 wide at 40 tokens (NaN or O(1) off); posenc_flex pads narrow
-    heads to CPU_FLEX_MIN_HEAD_DIM and is exact there. Run in a process of its own with an empty compile cache: the
+    AVX-512), returns wrong values for heads 8 wide at 40 tokens (NaN or O(1) off) in most calls, not every one
+    (the same compiled kernel, other inputs: it varies from call to call), so 16 calls are checked; posenc_flex pads
+    narrow heads to CPU_FLEX_MIN_HEAD_DIM and is exact in every call there. Run in a process of its own with an empty compile cache: the
     vector code is chosen when a kernel compiles. As-is, the error shows on torch 2.13 (the check is live: a 2.13
     patch that fixes the kernel fails it; on other releases the as-is case is not asserted, since they may have fixed
     or moved the fault)."""
@@ -210,12 +214,13 @@ def test_flex_on_avx2_code_pads_narrow_heads(min_width, tmp_path):
     done = subprocess.run(
         [sys.executable, "-c", AVX2_FLEX, tests, str(min_width)], capture_output=True, text=True, env=env, timeout=600
     )
-    assert "ERROR" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
-    error = float(done.stdout.split("ERROR")[-1])
+    assert "ERRORS" in done.stdout, done.stdout[-2000:] + done.stderr[-3000:]
+    errors = [float(e) for e in done.stdout.split("ERRORS")[-1].split()]
+    assert len(errors) == 16
     if min_width:
-        assert error < 1e-5
-    else:
-        assert not error < 1e-3, f"torch's AVX2 flex kernel computed heads 8 wide right (error {error:.1e})"
+        assert max(errors) < 1e-5, errors
+    else:  # wrong in most calls, not all: over 16 calls with other inputs one wrong one is all but certain
+        assert not max(errors) < 1e-3, f"torch's AVX2 flex kernel computed heads 8 wide right 16 times: {errors}"
 
 
 def test_flex_refuses_a_cpu_its_kernel_does_not_build_on(monkeypatch):
