@@ -200,13 +200,15 @@ print("ERRORS", " ".join(map(str, errors)))
 @pytest.mark.skipif(not posenc_attention.cpu_flex_supported(), reason="torch's compiled CPU flex needs x86 with AVX2")
 @pytest.mark.parametrize("min_width", [posenc_attention.CPU_FLEX_MIN_HEAD_DIM, 0], ids=["padded", "as-is"])
 def test_flex_on_avx2_code_pads_narrow_heads(min_width, tmp_path):
-    """torch 2.13's compiled CPU flex kernel, made to emit AVX2 code (ATEN_CPU_CAPABILITY=avx2, as on a CPU without
-    AVX-512), returns wrong values for heads 8 wide at 40 tokens (NaN or O(1) off) in most calls, not every one
-    (the same compiled kernel, other inputs: it varies from call to call), so 16 calls are checked; posenc_flex pads
-    narrow heads to CPU_FLEX_MIN_HEAD_DIM and is exact in every call there. Run in a process of its own with an empty compile cache: the
-    vector code is chosen when a kernel compiles. As-is, the error shows on torch 2.13 (the check is live: a 2.13
-    patch that fixes the kernel fails it; on other releases the as-is case is not asserted, since they may have fixed
-    or moved the fault)."""
+    """torch 2.13's compiled CPU flex kernel with AVX2 code is wrong for narrow heads; padded, it is exact.
+
+    Made to emit AVX2 code (ATEN_CPU_CAPABILITY=avx2, as on a CPU without AVX-512), the kernel returns wrong values for
+    heads 8 wide at 40 tokens (NaN or O(1) off) in most calls, not every one (the same compiled kernel, other inputs:
+    it varies from call to call), so 16 calls are checked; posenc_flex pads narrow heads to CPU_FLEX_MIN_HEAD_DIM and
+    is exact in every call there. Run in a process of its own with an empty compile cache: the vector code is chosen
+    when a kernel compiles. As-is, the error shows on torch 2.13 (the check is live: a 2.13 patch that fixes the
+    kernel fails it; on other releases the as-is case is not asserted, since they may have fixed or moved the fault).
+    """
     if not min_width and not torch.__version__.startswith("2.13."):
         pytest.skip(f"the fault was measured on torch 2.13; torch {torch.__version__} may have fixed or moved it")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
