@@ -239,6 +239,31 @@ def test_saved_code_on_releases_outside_its_range(tmp_path):
     assert "LOADED True" in out["as-saved"], out["as-saved"][-2000:]
 
 
+def test_release_status_reads_versions_as_pip_does(monkeypatch):
+    """Where a version stands to the range, as pip reads `>=low,<high` at the minor releases: a pre-release of the
+    lowest minor predates it, every build of the first minor past the range (pre-releases, dev builds) is newer, and
+    a version that is no release number is refused by name, not with a parse error."""
+    from hf_posenc.modeling import posenc_version
+
+    monkeypatch.setattr(posenc_version, "TRANSFORMERS_RANGE", ("5.20", "5.26"))
+    expected = {
+        "4.57.1": "older",
+        "5.19.9": "older",
+        "5.20.0rc1": "older",
+        "5.20.0.dev0": "older",
+        "5.20.0": "tested",
+        "5.25.0rc1": "tested",
+        "5.25.3.post1": "tested",
+        "5.26.0.dev0": "newer",
+        "5.26.0rc1": "newer",
+        "5.26": "newer",
+        "6.0.0": "newer",
+    }
+    assert {version: posenc_version.release_status(version) for version in expected} == expected
+    with pytest.raises(posenc_version.UntestedTransformersError, match="'nightly', which is no release number.*>=5.20"):
+        posenc_version.release_status("nightly")
+
+
 @pytest.mark.parametrize("allow", [False, True], ids=["refused", "allowed"])
 @pytest.mark.parametrize("which", ["older", "newer"])
 def test_plugin_on_releases_outside_its_range(which, allow):
@@ -382,14 +407,26 @@ def test_a_failure_on_a_newer_release_names_the_release(monkeypatch):
     config = test_archs.tiny("llama")
     with pytest.raises(ValueError, match="factor"):
         hf_posenc.with_posenc(config, {"type": "rope", "rope_type": "yarn", "factor": 0.5})
+    with pytest.raises(TypeError, match="a scheme name or a dict"):  # the plugin's refusal of a setting's type
+        hf_posenc.with_posenc(config, 5)
 
     def moved(config_class):
         raise AttributeError("'_LazyAutoMapping' object has no attribute '_model_mapping'")
 
-    monkeypatch.setattr(posenc_factory, "posenc_model_classes", moved)
-    with pytest.raises(posenc_version.UntestedTransformersError) as refused:
-        hf_posenc.with_posenc(config, "alibi")
-    message = str(refused.value)
-    assert f"was tested with transformers >=5.0,<5.1; found {transformers.__version__}, and it failed there" in message
-    assert "(AttributeError: '_LazyAutoMapping' object has no attribute '_model_mapping')" in message
-    assert 'pip install "transformers>=5.0,<5.1"' in message and posenc_version.ALLOW_UNTESTED not in message
+    def renamed(config_class):  # a function of transformers' that took `past_key_values` before a release renamed it
+        return config_class
+
+    def signature_moved(config_class):
+        return renamed(config_class, past_key_values=None)
+
+    for broken, cause in (
+        (moved, "(AttributeError: '_LazyAutoMapping' object has no attribute '_model_mapping')"),
+        (signature_moved, "renamed() got an unexpected keyword argument 'past_key_values')"),
+    ):
+        monkeypatch.setattr(posenc_factory, "posenc_model_classes", broken)
+        with pytest.raises(posenc_version.UntestedTransformersError) as refused:
+            hf_posenc.with_posenc(config, "alibi")
+        message = str(refused.value)
+        assert f"tested with transformers >=5.0,<5.1; found {transformers.__version__}, and it failed there" in message
+        assert cause in message, message
+        assert 'pip install "transformers>=5.0,<5.1"' in message and posenc_version.ALLOW_UNTESTED not in message

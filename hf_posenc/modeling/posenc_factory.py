@@ -36,6 +36,7 @@ from .posenc_version import (
     UntestedTransformersError,
     broken_on_release,
     check_scheme_on_release,
+    raised_by_this_code,
     release_status,
 )
 
@@ -126,10 +127,12 @@ class FactoryConfigMixin(PosencConfigMixin):
         try:
             posenc_model_classes(type(self))
             super().__post_init__(**kwargs)
-        except (ValueError, TypeError):
-            raise  # the plugin's own refusals of a config (a scheme, a setting): the release is not their cause
         except Exception as error:
-            if release_status() == "newer":  # internals this code leans on may have moved: say so, with the cause
+            # a refusal of a setting (a ValueError, or a TypeError the plugin raised: a scheme given as a number) is
+            # the user's to fix on any release; anything else on a newer release is likely the release's doing, a
+            # TypeError from code the plugin called too (the way a moved signature shows): say so, with the cause
+            refused = isinstance(error, ValueError) or (isinstance(error, TypeError) and raised_by_this_code(error))
+            if release_status() == "newer" and not refused:
                 raise UntestedTransformersError(broken_on_release("this posenc model's code", error)) from error
             raise
         check_scheme_on_release(self.posenc["type"], self.stock_guard() is None)

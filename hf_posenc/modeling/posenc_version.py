@@ -1,6 +1,7 @@
 """The versions a saved posenc model's code was made and tested with, and what it does on other transformers releases.
 
-Part of the `trust_remote_code` closure: imports only the standard library and transformers.
+Part of the `trust_remote_code` closure: imports only the standard library, transformers and `packaging` (which
+transformers requires).
 
 The rule, for the plugin and for the code every saved folder ships:
 - a release inside `TRANSFORMERS_RANGE` is tested: everything runs;
@@ -14,7 +15,9 @@ The rule, for the plugin and for the code every saved folder ships:
 from __future__ import annotations
 
 import os
-import re
+import traceback
+
+from packaging.version import InvalidVersion, Version
 
 #: hf_posenc's version, recorded in the files a saved model ships (the closure cannot import the package)
 PLUGIN_VERSION = "0.3.0"
@@ -32,9 +35,15 @@ class UntestedTransformersError(ImportError):
     """The installed transformers release is outside the range this code was tested with."""
 
 
-def _minor(version: str) -> tuple[int, int]:
-    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
-    return int(major), int(minor)
+def _release(version: str) -> Version:
+    """`version` parsed as pip reads it, or the refusal that names it where it is no release number."""
+    try:
+        return Version(version)
+    except InvalidVersion:
+        raise UntestedTransformersError(
+            f"transformers reports the version {version!r}, which is no release number: hf_posenc (hf_posenc "
+            f"{PLUGIN_VERSION}) cannot tell whether it lies in the tested range {tested_range_text()}"
+        ) from None
 
 
 def installed() -> str:
@@ -45,12 +54,16 @@ def installed() -> str:
 
 
 def release_status(version: str | None = None) -> str:
-    """'tested', 'older' or 'newer': where `version` (the installed release by default) stands to the range."""
-    low, high = TRANSFORMERS_RANGE
-    minor = _minor(version or installed())
-    if minor < _minor(low):
+    """'tested', 'older' or 'newer': where `version` (the installed release by default) stands to the range.
+
+    As pip reads `>=low`, a pre-release of the lowest minor release is older (5.20.0rc1 predates 5.20.0). Every
+    release of the first minor past the range is newer, its pre-releases and development builds too (5.26.0.dev0).
+    """
+    low, high = (Version(bound) for bound in TRANSFORMERS_RANGE)
+    release = _release(version or installed())
+    if release < low:
         return "older"
-    return "tested" if minor < _minor(high) else "newer"
+    return "tested" if release.release[:2] < high.release[:2] else "newer"
 
 
 def untested_allowed() -> bool:
@@ -83,6 +96,18 @@ def broken_on_release(what: str, error: BaseException) -> str:
     return (
         f"{untested(what)}, and it failed there ({type(error).__name__}: {error}): transformers' internals it builds "
         f'on have likely moved. Install a tested release: pip install "transformers{tested_range_text()}"'
+    )
+
+
+def raised_by_this_code(error: BaseException) -> bool:
+    """Whether `error` was raised in this closure's own files (a refusal of the plugin's), not in code they called.
+
+    Read from the innermost frame of its traceback: the closure's files are this file's siblings, in the package or
+    in the copy a `trust_remote_code` load makes.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and os.path.dirname(os.path.abspath(frames[-1].filename)) == os.path.dirname(
+        os.path.abspath(__file__)
     )
 
 
