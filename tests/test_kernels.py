@@ -14,6 +14,7 @@ mapping names: transformers' own mapping names none on the CPU and, on CUDA, the
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 
@@ -21,11 +22,10 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
-from test_archs import ARCHS, SMOKE, arch_pattern, auto_class, build, logits, tokens
+from test_archs import ARCHS, SMOKE, arch_pattern, auto_class, build, logits, tiny, tokens
 from torch import nn
 from transformers.utils.import_utils import is_kernels_available
 
-import hf_posenc
 from hf_posenc import archs
 
 KERNELS_BY_DEFAULT = Version(transformers.__version__).release[:2] >= (5, 25)
@@ -198,19 +198,32 @@ def test_from_pretrained_kernelizes_to_the_same_model(arch, tmp_path):
         torch.testing.assert_close(trained, model(x, labels=x).loss, atol=0, rtol=0)
 
 
-def test_the_cuda_mapping_touches_no_plugin_site():
-    """transformers' own kernel mapping (every device) names layers the plugin never makes or changes: its names are
-    those of stock classes and functions, none of them a plugin class's. Guards the premise of this file: a new entry
-    that names something the plugin changes fails here."""
+def kernelizable(model: nn.Module, names: set[str]) -> dict[str, tuple[type, str]]:
+    """The modules of `model` whose class carries a kernel layer name in `names`: path -> (class, name)."""
+    return {
+        path: (type(module), type(module).kernel_layer_name)
+        for path, module in model.named_modules()
+        if getattr(type(module), "kernel_layer_name", None) in names
+    }
+
+
+@pytest.mark.parametrize("arch", SMOKE)
+def test_the_mapping_reaches_only_stock_modules(arch):
+    """transformers' own kernel mapping (every device) reaches, in a posenc model of every site, exactly the modules
+    it reaches in the stock model: the same paths, the same stock classes, their forwards untouched by the plugin;
+    and it still maps the rotation function (the premise of this file: a mapping entry that named something the
+    plugin changes, or a plugin site made kernelizable, fails here)."""
     from transformers.integrations.hub_kernels import get_kernel_mapping_transformers
 
     names = set(get_kernel_mapping_transformers())
-    plugin = {
-        getattr(cls, "kernel_layer_name", None)
-        for module in vars(hf_posenc.modeling).values()
-        if hasattr(module, "__dict__")
-        for cls in vars(module).values()
-        if isinstance(cls, type)
-    } - {None}
-    assert not names & plugin
     assert "rotary_pos_emb" in names, "transformers no longer maps the rotation function: see this file's docstring"
+    stock = kernelizable(auto_class(arch).from_config(copy.deepcopy(tiny(arch))), names)
+    assert stock or arch == "gpt_oss", f"{arch}: the mapping reaches no layer of the stock model (check is void)"
+    for scheme in SITE_SCHEMES:
+        posenc = site_scheme(arch, scheme)
+        if posenc is None:
+            continue
+        model = build(arch, posenc)
+        assert kernelizable(model, names) == stock, f"{arch} {scheme}"
+        for path in stock:
+            assert "forward" not in vars(model.get_submodule(path)), f"{arch} {scheme}: {path}'s forward replaced"
