@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 from conftest import ABSOLUTE, SCHEME_CASES, VOCAB, build, tiny_config
 
 import hf_posenc
@@ -199,6 +200,19 @@ def test_no_mask_attends_every_token_as_the_stock_model(encoder, case):
     x = tokens()
     x[0, -4:] = PAD
     torch.testing.assert_close(logits(model, x), logits(model, x, attention_mask=torch.ones_like(x)), atol=0, rtol=0)
+
+
+def test_no_mask_with_pad_tokens_gives_the_stock_logits(encoder):
+    """The stock model itself, pad tokens in the input and no padding mask: the posenc model of the native scheme with
+    its weights gives its logits (the stock model does attend every token there, on every release)."""
+    native = build(encoder, "learned")  # the native scheme of BERT and RoBERTa
+    stock = transformers.AutoModelForMaskedLM.from_config(tiny_config(encoder)).eval()
+    stock.load_state_dict(native.state_dict())
+    x = tokens()
+    x[0, -4:] = PAD
+    expected = logits(stock, x)
+    torch.testing.assert_close(logits(native, x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logits(stock, x, attention_mask=torch.ones_like(x)), expected, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("is_decoder", [False, True], ids=["encoder", "decoder-mode"])
