@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 # ~/.cache (a cache the user named is kept in a serial run). Processes the tests start inherit it.
 if "PYTEST_XDIST_WORKER" in os.environ or "HF_MODULES_CACHE" not in os.environ:
     os.environ["HF_MODULES_CACHE"] = tempfile.mkdtemp(prefix="hf_posenc_tests_modules_")
+    atexit.register(shutil.rmtree, os.environ["HF_MODULES_CACHE"], ignore_errors=True)  # removed when the process ends
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -35,6 +39,27 @@ def pytest_configure(config):
         share = max(1, cores // int(workers))
         torch.set_num_threads(share)
         os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
+def sigint_handling() -> tuple:
+    """How this process takes Ctrl-C: the SIGINT handler, and whether the main thread blocks SIGINT."""
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []) if hasattr(signal, "pthread_sigmask") else 0
+    return signal.getsignal(signal.SIGINT), blocked
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_left_as_found():
+    """Every test leaves Ctrl-C as it found it (the handler, the signal mask): the plugin's commands run in users'
+    processes and notebooks, and a test that took SIGINT away would silently change the tests after it. One that
+    does errors, named, and the handling is put back."""
+    before = sigint_handling()
+    yield
+    after = sigint_handling()
+    if after != before:
+        signal.signal(signal.SIGINT, before[0])
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK if before[1] else signal.SIG_UNBLOCK, [signal.SIGINT])
+        pytest.fail(f"the test changed how Ctrl-C is taken (SIGINT handler, blocked): {before} -> {after}")
 
 
 # One tiny stock config per architecture of the deep contract suite; dropout off so train and eval agree.

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import build
+from conftest import build, sigint_handling
 from test_bias_paths import Attention, causal
 from test_contract import tokens
 
@@ -143,6 +143,8 @@ def test_ctrl_c_during_a_backward_restores_denormals(monkeypatch):
     """SIGINT at many moments of a training backward (a padded ALiBi and a T5 model on recomputed blocks, so many
     blocks, each recomputed with the flush on): whichever Python frame the KeyboardInterrupt surfaces in, no thread
     keeps flushing."""
+    handling = sigint_handling()
+    assert handling == (signal.default_int_handler, False), f"Ctrl-C is not Python's default here: {handling}"
     monkeypatch.setattr(posenc_attention, "BIAS_BLOCK_BYTES", 4 * 4 * 64 * 8)  # 8 query rows a block: many blocks
     monkeypatch.setattr(posenc_attention.ScoreBiasMask, "key_padding", lambda self: None)  # blocks, not the column
     x = tokens(2, 64)
