@@ -47,6 +47,13 @@ def sigint_handling() -> tuple:
     return signal.getsignal(signal.SIGINT), blocked
 
 
+def set_sigint_handling(handler, blocked) -> None:
+    """Make Ctrl-C taken as `sigint_handling` reported it: the SIGINT handler, and SIGINT blocked or not."""
+    signal.signal(signal.SIGINT, handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK if blocked else signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 @pytest.fixture(autouse=True)
 def _ctrl_c_left_as_found():
     """Every test leaves Ctrl-C as it found it (the handler, the signal mask): the plugin's commands run in users'
@@ -56,9 +63,7 @@ def _ctrl_c_left_as_found():
     yield
     after = sigint_handling()
     if after != before:
-        signal.signal(signal.SIGINT, before[0])
-        if hasattr(signal, "pthread_sigmask"):
-            signal.pthread_sigmask(signal.SIG_BLOCK if before[1] else signal.SIG_UNBLOCK, [signal.SIGINT])
+        set_sigint_handling(*before)
         pytest.fail(f"the test changed how Ctrl-C is taken (SIGINT handler, blocked): {before} -> {after}")
 
 

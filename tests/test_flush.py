@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import build, sigint_handling
+from conftest import build, set_sigint_handling, sigint_handling
 from test_bias_paths import Attention, causal
 from test_contract import tokens
 
@@ -144,16 +144,12 @@ def test_ctrl_c_during_a_backward_restores_denormals(monkeypatch):
     blocks, each recomputed with the flush on): whichever Python frame the KeyboardInterrupt surfaces in, no thread
     keeps flushing. Ctrl-C is made Python's default for the test: a process started in the background (`cmd &`,
     nohup) ignores SIGINT from its start, and the suite may run in one."""
-    handler, blocked = sigint_handling()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    found = sigint_handling()
+    set_sigint_handling(signal.default_int_handler, False)
     try:
         interrupted = interrupt_backwards(monkeypatch)
     finally:
-        signal.signal(signal.SIGINT, handler)
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+        set_sigint_handling(*found)
     assert interrupted >= 12
 
 
